@@ -1,0 +1,385 @@
+"""The configuration schema: typed dataclasses registered with Hydra's ConfigStore.
+
+This is the only module of ``cpt`` that imports Hydra. The YAML under ``conf/`` extends
+these dataclasses, so a mistyped key, a wrong type or an unknown enum value fails when
+the config is composed, naming the key and the allowed values. ``to_config`` turns the
+composed OmegaConf node into real dataclasses, which runs every ``__post_init__`` check;
+``validate`` then checks what needs the file system (model paths, rubric files).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cpt.store import REPO_ROOT
+from cpt.tasks import TaskSource
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key, what was found and the fix."""
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+class StageName(enum.Enum):
+    tasks = "tasks"
+    generate = "generate"
+    sysprompts = "sysprompts"
+    adherence = "adherence"
+    pairs = "pairs"
+    train = "train"
+    evaluate = "evaluate"
+    report = "report"
+    check = "check"  # validate config, rubrics and task files; writes nothing
+    status = "status"  # show each stage of run_dir: done / running / failed / pending
+
+
+class EngineKind(enum.Enum):
+    hf = "hf"  # transformers, batched; the CPU/debug default
+    vllm = "vllm"  # offline vllm.LLM inside Ray actors; the cluster default
+    openai = "openai"  # any OpenAI-compatible server (e.g. a vLLM server job)
+
+
+class DType(enum.Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+@dataclass
+class SamplingConfig:
+    """Parameters:
+    max_new_tokens (`int`): upper bound on generated tokens per response.
+    temperature (`float`): 0 means greedy decoding.
+    top_p (`float`): nucleus sampling mass, in (0, 1].
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+
+    def __post_init__(self) -> None:
+        check(self.max_new_tokens > 0, "sampling.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        check(self.temperature >= 0, "sampling.temperature", f"must be >= 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class ModelConfig:
+    """A model in one role (teacher, judge or student).
+
+    Parameters:
+    name (`str`): short label used in folder names and tables.
+    path (`str`): Hugging Face id, a local folder, or `builtin:tiny` / `builtin:tiny_nosys`
+        (the tiny random models built locally; see `cpt.models.tiny`).
+    revision (`str`): git revision of a hub model; pin it for reproducible runs.
+    dtype (`DType`): weights dtype; `auto` takes the checkpoint's.
+    tensor_parallel_size (`int`): GPUs one replica spans (vLLM).
+    gpus (`int`): GPUs one replica needs (0 on CPU); used for Slurm requests and Ray bundles.
+    max_model_len (`int`): context length the engine reserves.
+    system_role (`bool`): false for chat templates without a system role; the system text
+        is then folded into the first user turn.
+    trust_remote_code (`bool`): run Python shipped with the checkpoint. Off unless you trust it.
+    engine (`EngineKind` or None): per-model override of `engine.kind`.
+    base_url (`str`): OpenAI-compatible endpoint, for `engine=openai`.
+    sampling (`SamplingConfig`): defaults for this model's generations.
+    """
+
+    name: str = MISSING
+    path: str = MISSING
+    revision: str = "main"
+    dtype: DType = DType.auto
+    tensor_parallel_size: int = 1
+    gpus: int = 0
+    max_model_len: int = 4096
+    system_role: bool = True
+    trust_remote_code: bool = False
+    engine: EngineKind | None = None
+    base_url: str = ""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        check(bool(self.name.strip()), "model.name", "must not be empty")
+        check(bool(self.path.strip()), f"{self.name}.path", "must not be empty")
+        check(self.tensor_parallel_size >= 1, f"{self.name}.tensor_parallel_size",
+              f"must be >= 1, got {self.tensor_parallel_size}")
+        check(self.gpus >= 0, f"{self.name}.gpus", f"must be >= 0, got {self.gpus}")
+        check(self.max_model_len >= 128, f"{self.name}.max_model_len",
+              f"must be >= 128, got {self.max_model_len}")
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.path.startswith("builtin:")
+
+
+@dataclass
+class EngineConfig:
+    """How generation runs (performance only; outputs depend on the model and sampling).
+
+    Parameters:
+    kind (`EngineKind`): hf | vllm | openai.
+    batch_size (`int`): requests per engine call (hf); vLLM schedules its own batches.
+    replicas (`int`): engine replicas (Ray actors); 0 = as many as the CPUs/GPUs allow.
+    cpus_per_replica (`float`): Ray CPUs reserved per replica.
+    gpu_memory_utilization (`float`): vLLM's share of GPU memory.
+    max_loras (`int`): adapters one vLLM engine keeps loaded at once.
+    max_lora_rank (`int`): largest LoRA rank the vLLM engine accepts.
+    api_key_env (`str`): name of the environment variable holding the OpenAI-compatible
+        key (the key itself never enters configs, logs or manifests).
+    max_concurrency (`int`): in-flight requests to an OpenAI-compatible server.
+    max_retries (`int`): retries of a failed server request, with exponential backoff.
+    request_timeout_s (`float`): per-request time limit for servers.
+    """
+
+    kind: EngineKind = EngineKind.hf
+    batch_size: int = 8
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    gpu_memory_utilization: float = 0.85
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = 8
+    max_retries: int = 4
+    request_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "engine.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.replicas >= 0, "engine.replicas", f"must be >= 0, got {self.replicas}")
+        check(self.cpus_per_replica > 0, "engine.cpus_per_replica", "must be > 0")
+        check(0 < self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization",
+              "must be in (0, 1]")
+        check(self.max_concurrency >= 1, "engine.max_concurrency", "must be >= 1")
+        check(self.max_retries >= 0, "engine.max_retries", "must be >= 0")
+
+
+@dataclass
+class LevelConfig:
+    """One target level: the teacher's qualifier and the judge's bin (upper edge, inclusive)."""
+
+    name: str = MISSING
+    qualifier: str = MISSING
+    upper: float = MISSING
+
+
+@dataclass
+class LevelsConfig:
+    """The ordinal target levels, lowest first; bins are (previous upper, upper]."""
+
+    name: str = "paper"
+    levels: list[LevelConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        names = [lv.name for lv in self.levels]
+        check(len(self.levels) >= 2, "levels.levels", f"need at least 2 levels, got {names}")
+        check(len(set(names)) == len(names), "levels.levels", f"duplicate level names in {names}")
+        uppers = [lv.upper for lv in self.levels]
+        check(all(a < b for a, b in zip(uppers, uppers[1:])), "levels.levels",
+              f"upper bin edges must increase, got {uppers}")
+        check(uppers[0] > 0 and uppers[-1] == 100, "levels.levels",
+              f"bins must cover 0-100 (first upper > 0, last upper == 100), got {uppers}")
+        for lv in self.levels:
+            check(bool(lv.qualifier.strip()), f"levels.{lv.name}.qualifier", "must not be empty")
+
+    @property
+    def names(self) -> list[str]:
+        return [lv.name for lv in self.levels]
+
+
+@dataclass
+class ComboConfig:
+    """Several rubrics conditioned on at once (compositional CPT); each keeps its own level."""
+
+    name: str = MISSING
+    rubrics: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RubricsConfig:
+    """Parameters:
+    path (`str`): a rubric YAML file or a folder of them (relative paths: cwd, then repo root).
+    include (`list[str]`): rubric names to use; empty = every rubric under `path`.
+    combos (`list[ComboConfig]`): compositional conditionings built from included rubrics.
+    combo_levels (`list[str]`): the level names combined in combos (all level tuples of
+        these); empty = all levels. Keeps the grid small: k rubrics give len^k conditions.
+    """
+
+    name: str = "all"
+    path: str = "rubrics"
+    include: list[str] = field(default_factory=list)
+    combos: list[ComboConfig] = field(default_factory=list)
+    combo_levels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TasksConfig:
+    """Parameters:
+    sources (`list[TaskSource]`): where tasks come from (shipped, jsonl, csv, parquet, hf).
+    num_tasks (`int`): tasks sampled (seeded) from all sources; 0 = all.
+    test_fraction (`float`): share of tasks held out for evaluation (split by task).
+    """
+
+    name: str = "shipped"
+    sources: list[TaskSource] = field(default_factory=lambda: [TaskSource()])
+    num_tasks: int = 0
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        check(self.num_tasks >= 0, "tasks.num_tasks", f"must be >= 0, got {self.num_tasks}")
+        check(0.0 < self.test_fraction < 1.0, "tasks.test_fraction",
+              f"must be in (0, 1), got {self.test_fraction}")
+
+
+@dataclass
+class PromptsConfig:
+    """Prompt templates (text lives in conf/prompts/*.yaml; `cpt.prompts` fills them)."""
+
+    name: str = "default"
+    teacher: str = MISSING
+    teacher_no_rubric: str = MISSING
+    summarizer: str = MISSING
+    judge_system: str = MISSING
+    judge: str = MISSING
+    judge_repair: str = MISSING
+    student: str = MISSING
+
+
+@dataclass
+class ParallelConfig:
+    """Parameters:
+    backend (`str`): `ray` (actor pool; local or an existing cluster) or `inline` (no Ray,
+        one engine in this process; for debugging and tiny runs).
+    address (`str`): Ray address; empty starts a local Ray, `auto` joins the running cluster.
+    num_cpus (`int`): CPUs a local Ray may use; 0 = all.
+    log_every_s (`float`): seconds between progress log lines when not on a terminal.
+    """
+
+    backend: str = "ray"
+    address: str = ""
+    num_cpus: int = 0
+    log_every_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        check(self.backend in ("ray", "inline"), "parallel.backend",
+              f"must be one of ray, inline; got {self.backend!r}")
+
+
+@dataclass
+class ClusterConfig:
+    """A Slurm site profile (used with hydra/launcher=slurm)."""
+
+    name: str = "local"
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    mem_gb: int = 8
+    time_min: int = 60
+    constraint: str = ""
+    signal_delay_s: int = 120
+    max_requeue: int = 3
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Parameters:
+    name (`str`): none | zero2 | zero3.
+    config_file (`str`): DeepSpeed JSON (relative: repo root), empty for none.
+    """
+
+    name: str = "none"
+    config_file: str = ""
+
+
+@dataclass
+class CptConfig:
+    """The whole composed configuration of a cpt run."""
+
+    run_dir: str = "outputs/runs/local"
+    stage: StageName | None = None
+    plan: bool = False
+    seed: int = 0
+    teacher: ModelConfig = MISSING
+    judge: ModelConfig = MISSING
+    student: ModelConfig = MISSING
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    rubrics: RubricsConfig = field(default_factory=RubricsConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    levels: LevelsConfig = MISSING
+    prompts: PromptsConfig = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+def register_configs() -> None:
+    """Store the schema so conf/config.yaml can start from `base_config`."""
+    ConfigStore.instance().store(name="base_config", node=CptConfig)
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Absolute paths as given; relative ones from the cwd if they exist there, else the repo."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.absolute()
+    return REPO_ROOT / p
+
+
+def to_config(cfg: DictConfig | CptConfig) -> CptConfig:
+    """Composed OmegaConf node -> dataclasses (runs every __post_init__ check)."""
+    if not isinstance(cfg, DictConfig):
+        return cfg
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
+
+
+def validate(cfg: CptConfig) -> list[str]:
+    """Checks that need the file system; returns every problem (empty list: all good)."""
+    problems = []
+    for role in ("teacher", "judge", "student"):
+        m: ModelConfig = getattr(cfg, role)
+        if m.is_builtin:
+            from cpt.models.tiny import VARIANTS
+
+            variant = m.path.removeprefix("builtin:")
+            if variant not in VARIANTS:
+                problems.append(f"{role}.path: unknown builtin model {m.path!r} "
+                                f"(known: {', '.join('builtin:' + v for v in VARIANTS)})")
+        elif _looks_local(m.path) and not Path(m.path).expanduser().exists():
+            problems.append(f"{role}.path: {m.path} does not exist (a local model folder "
+                            "or a Hugging Face id like org/name is expected)")
+        kind = m.engine or cfg.engine.kind
+        if kind is EngineKind.openai and not m.base_url:
+            problems.append(f"{role}.base_url: must be set when the engine is openai")
+    rubric_path = resolve_path(cfg.rubrics.path)
+    if not rubric_path.exists():
+        problems.append(f"rubrics.path: {rubric_path} does not exist")
+    levels = set(cfg.levels.names)
+    bad = [lv for lv in cfg.rubrics.combo_levels if lv not in levels]
+    if bad:
+        problems.append(f"rubrics.combo_levels: unknown levels {bad} (allowed: {sorted(levels)})")
+    ds = cfg.deepspeed
+    if ds.name != "none" and not resolve_path(ds.config_file).is_file():
+        problems.append(f"deepspeed.config_file: {ds.config_file!r} not found for deepspeed={ds.name}")
+    return problems

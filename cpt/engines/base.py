@@ -1,0 +1,76 @@
+"""The one engine interface: chat requests in, completions out.
+
+Stages build `Request`s and never know which engine runs them. An engine is built from a
+`ModelConfig` and an `EngineConfig` by `cpt.engines.build_engine`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Per-request sampling. `seed` makes sampled outputs reproducible per request."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation: chat messages (role/content dicts) + sampling (+ JSON schema, adapter).
+
+    `adapter` is the path of a PEFT LoRA adapter folder; None means the base model.
+    `json_schema` constrains the output to JSON matching the schema (judging).
+    """
+
+    id: str
+    messages: tuple[dict[str, str], ...]
+    sampling: Sampling = field(default_factory=Sampling)
+    json_schema: dict[str, Any] | None = None
+    adapter: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The engine's answer to one `Request` (same `id`)."""
+
+    id: str
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS / stop string), "length" (hit max_new_tokens), "error"
+    error: str = ""
+
+
+class Engine(Protocol):
+    """What every engine implements."""
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        """Completions in the order of `requests`."""
+        ...
+
+    def close(self) -> None:
+        """Free the model (GPU memory, server sessions)."""
+        ...
+
+
+def fold_system(messages: tuple[dict[str, str], ...] | list[dict[str, str]],
+                system_role: bool) -> list[dict[str, str]]:
+    """Messages as the model's chat template accepts them.
+
+    Models without a system role get the system text folded into the first user turn
+    (separated by a blank line), so the conditioning is never dropped.
+    """
+    msgs = [dict(m) for m in messages]
+    if system_role or not msgs or msgs[0]["role"] != "system":
+        return msgs
+    system, rest = msgs[0]["content"], msgs[1:]
+    if rest and rest[0]["role"] == "user":
+        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
+        return rest
+    return [{"role": "user", "content": system}, *rest]

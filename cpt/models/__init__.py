@@ -1,0 +1,1 @@
+"""Model helpers: resolving model paths and the locally built tiny models."""

@@ -1,0 +1,38 @@
+"""cpt entry point (Hydra). Composes conf/config.yaml and hands it to cpt.pipeline.
+
+    python jobs/launch.py                      # whole pipeline, local, tiny models
+    python jobs/launch.py stage=generate       # one stage
+    python jobs/launch.py plan=true            # what would run, nothing runs
+    python jobs/launch.py --cfg job            # print the composed config
+    python jobs/launch.py -m student=tiny,tiny_nosys   # multirun (sweep)
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
+
+from cpt import pipeline  # noqa: E402
+from cpt.config import ConfigError, register_configs, to_config  # noqa: E402
+from cpt.store import StoreError  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("cpt").setLevel(logging.INFO)
+    try:
+        pipeline.run(to_config(cfg))
+    except (ConfigError, StoreError) as exc:  # a clear one-line error, not a traceback wall
+        sys.exit(f"cpt: error: {exc}")
+
+
+if __name__ == "__main__":
+    main()
