@@ -10,6 +10,7 @@ composed OmegaConf node into real dataclasses, which runs every ``__post_init__`
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,14 @@ class SamplingConfig:
     top_p: float = 0.95
 
     def __post_init__(self) -> None:
-        check(self.max_new_tokens > 0, "sampling.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
-        check(self.temperature >= 0, "sampling.temperature", f"must be >= 0, got {self.temperature}")
+        check(
+            self.max_new_tokens > 0,
+            "sampling.max_new_tokens",
+            f"must be > 0, got {self.max_new_tokens}",
+        )
+        check(
+            self.temperature >= 0, "sampling.temperature", f"must be >= 0, got {self.temperature}"
+        )
         check(0 < self.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
 
 
@@ -112,11 +119,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check(bool(self.name.strip()), "model.name", "must not be empty")
         check(bool(self.path.strip()), f"{self.name}.path", "must not be empty")
-        check(self.tensor_parallel_size >= 1, f"{self.name}.tensor_parallel_size",
-              f"must be >= 1, got {self.tensor_parallel_size}")
+        check(
+            self.tensor_parallel_size >= 1,
+            f"{self.name}.tensor_parallel_size",
+            f"must be >= 1, got {self.tensor_parallel_size}",
+        )
         check(self.gpus >= 0, f"{self.name}.gpus", f"must be >= 0, got {self.gpus}")
-        check(self.max_model_len >= 128, f"{self.name}.max_model_len",
-              f"must be >= 128, got {self.max_model_len}")
+        check(
+            self.max_model_len >= 128,
+            f"{self.name}.max_model_len",
+            f"must be >= 128, got {self.max_model_len}",
+        )
 
     @property
     def is_builtin(self) -> bool:
@@ -158,8 +171,11 @@ class EngineConfig:
         check(self.batch_size >= 1, "engine.batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.replicas >= 0, "engine.replicas", f"must be >= 0, got {self.replicas}")
         check(self.cpus_per_replica > 0, "engine.cpus_per_replica", "must be > 0")
-        check(0 < self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization",
-              "must be in (0, 1]")
+        check(
+            0 < self.gpu_memory_utilization <= 1,
+            "engine.gpu_memory_utilization",
+            "must be in (0, 1]",
+        )
         check(self.max_concurrency >= 1, "engine.max_concurrency", "must be >= 1")
         check(self.max_retries >= 0, "engine.max_retries", "must be >= 0")
 
@@ -185,10 +201,16 @@ class LevelsConfig:
         check(len(self.levels) >= 2, "levels.levels", f"need at least 2 levels, got {names}")
         check(len(set(names)) == len(names), "levels.levels", f"duplicate level names in {names}")
         uppers = [lv.upper for lv in self.levels]
-        check(all(a < b for a, b in zip(uppers, uppers[1:])), "levels.levels",
-              f"upper bin edges must increase, got {uppers}")
-        check(uppers[0] > 0 and uppers[-1] == 100, "levels.levels",
-              f"bins must cover 0-100 (first upper > 0, last upper == 100), got {uppers}")
+        check(
+            all(a < b for a, b in itertools.pairwise(uppers)),
+            "levels.levels",
+            f"upper bin edges must increase, got {uppers}",
+        )
+        check(
+            uppers[0] > 0 and uppers[-1] == 100,
+            "levels.levels",
+            f"bins must cover 0-100 (first upper > 0, last upper == 100), got {uppers}",
+        )
         for lv in self.levels:
             check(bool(lv.qualifier.strip()), f"levels.{lv.name}.qualifier", "must not be empty")
 
@@ -237,8 +259,11 @@ class TasksConfig:
 
     def __post_init__(self) -> None:
         check(self.num_tasks >= 0, "tasks.num_tasks", f"must be >= 0, got {self.num_tasks}")
-        check(0.0 < self.test_fraction < 1.0, "tasks.test_fraction",
-              f"must be in (0, 1), got {self.test_fraction}")
+        check(
+            0.0 < self.test_fraction < 1.0,
+            "tasks.test_fraction",
+            f"must be in (0, 1), got {self.test_fraction}",
+        )
 
 
 @dataclass
@@ -271,8 +296,11 @@ class ParallelConfig:
     log_every_s: float = 30.0
 
     def __post_init__(self) -> None:
-        check(self.backend in ("ray", "inline"), "parallel.backend",
-              f"must be one of ray, inline; got {self.backend!r}")
+        check(
+            self.backend in ("ray", "inline"),
+            "parallel.backend",
+            f"must be one of ray, inline; got {self.backend!r}",
+        )
 
 
 @dataclass
@@ -305,6 +333,59 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """Parameters:
+    samples (`int`, defaults to `1`): teacher responses per (task, condition).
+    no_rubric (`bool`, defaults to `True`): also generate the bare-task baseline (Table 2).
+    shard_size (`int`, defaults to `32`): rows per Parquet shard (the unit of work and resume).
+    """
+
+    samples: int = 1
+    no_rubric: bool = True
+    shard_size: int = 32
+
+    def __post_init__(self) -> None:
+        check(self.samples >= 1, "generate.samples", f"must be >= 1, got {self.samples}")
+        check(self.shard_size >= 1, "generate.shard_size", f"must be >= 1, got {self.shard_size}")
+
+
+@dataclass
+class SyspromptsConfig:
+    """Parameters:
+    paraphrases (`int`, defaults to `1`): system prompts per condition; pairs and evaluation
+        pick one per task (seeded), so the model cannot latch onto one wording.
+    shard_size (`int`, defaults to `64`): rows per shard.
+    """
+
+    paraphrases: int = 1
+    shard_size: int = 64
+
+    def __post_init__(self) -> None:
+        check(
+            self.paraphrases >= 1, "sysprompts.paraphrases", f"must be >= 1, got {self.paraphrases}"
+        )
+        check(self.shard_size >= 1, "sysprompts.shard_size", "must be >= 1")
+
+
+@dataclass
+class JudgingConfig:
+    """Parameters:
+    max_attempts (`int`, defaults to `3`): judge calls per response: the first, then repair
+        prompts quoting the parse error; after the last, a recorded failure.
+    shard_size (`int`, defaults to `32`): judgements per shard.
+    """
+
+    max_attempts: int = 3
+    shard_size: int = 32
+
+    def __post_init__(self) -> None:
+        check(
+            self.max_attempts >= 1, "judging.max_attempts", f"must be >= 1, got {self.max_attempts}"
+        )
+        check(self.shard_size >= 1, "judging.shard_size", "must be >= 1")
+
+
+@dataclass
 class CptConfig:
     """The whole composed configuration of a cpt run."""
 
@@ -323,6 +404,9 @@ class CptConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    sysprompts: SyspromptsConfig = field(default_factory=SyspromptsConfig)
+    adherence: JudgingConfig = field(default_factory=JudgingConfig)
 
 
 def register_configs() -> None:
@@ -364,11 +448,15 @@ def validate(cfg: CptConfig) -> list[str]:
 
             variant = m.path.removeprefix("builtin:")
             if variant not in VARIANTS:
-                problems.append(f"{role}.path: unknown builtin model {m.path!r} "
-                                f"(known: {', '.join('builtin:' + v for v in VARIANTS)})")
+                problems.append(
+                    f"{role}.path: unknown builtin model {m.path!r} "
+                    f"(known: {', '.join('builtin:' + v for v in VARIANTS)})"
+                )
         elif _looks_local(m.path) and not Path(m.path).expanduser().exists():
-            problems.append(f"{role}.path: {m.path} does not exist (a local model folder "
-                            "or a Hugging Face id like org/name is expected)")
+            problems.append(
+                f"{role}.path: {m.path} does not exist (a local model folder "
+                "or a Hugging Face id like org/name is expected)"
+            )
         kind = m.engine or cfg.engine.kind
         if kind is EngineKind.openai and not m.base_url:
             problems.append(f"{role}.base_url: must be set when the engine is openai")
@@ -381,5 +469,7 @@ def validate(cfg: CptConfig) -> list[str]:
         problems.append(f"rubrics.combo_levels: unknown levels {bad} (allowed: {sorted(levels)})")
     ds = cfg.deepspeed
     if ds.name != "none" and not resolve_path(ds.config_file).is_file():
-        problems.append(f"deepspeed.config_file: {ds.config_file!r} not found for deepspeed={ds.name}")
+        problems.append(
+            f"deepspeed.config_file: {ds.config_file!r} not found for deepspeed={ds.name}"
+        )
     return problems

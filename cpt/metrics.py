@@ -13,16 +13,18 @@ judgement is never read as a score of 0.
 Paper settings (METHOD.md, "Evaluation"): levels low ≤ 40 < moderate ≤ 92.5 < extremely high,
 i.e. ``LevelScale(("low", "moderate", "extremely high"), (40.0, 92.5, 100.0))``.
 
-Example:
-    >>> scale = LevelScale(("low", "moderate", "extremely high"), (40.0, 92.5, 100.0))
-    >>> scale.bin(40.0), scale.bin(40.0001), scale.bin(100.0)
-    ('low', 'moderate', 'extremely high')
-    >>> summary = summarize(judged_df, scale)  # {"n", "accuracy", "accuracy_ci", ...}
-    >>> breakdown(judged_df, scale, by="rubric")  # one summary row per rubric
+Example (``judged`` is a judged-samples frame)::
+
+    scale = LevelScale(("low", "moderate", "extremely high"), (40.0, 92.5, 100.0))
+    scale.bin(40.0), scale.bin(40.0001), scale.bin(100.0)  # low, moderate, extremely high
+    summarize(judged, scale)  # {"n", "judge_failures", "accuracy", "accuracy_ci", ...}
+    breakdown(judged, scale, by=["model", "rubric"])  # one summary row per group
+    best_of_n(judged, scale, ns=[1, 2, 4, 8])  # judge-selected Best-of-N, per model
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -85,7 +87,7 @@ class LevelScale:
             problems.append(f"level names must be non-empty strings, got {list(names)}")
         if any(not np.isfinite(e) for e in edges):
             problems.append(f"upper_edges must be finite numbers, got {list(edges)}")
-        if any(b <= a for a, b in zip(edges, edges[1:])):
+        if any(b <= a for a, b in itertools.pairwise(edges)):
             problems.append(f"upper_edges must be strictly increasing, got {list(edges)}")
         if edges and not edges[0] > SCORE_MIN:
             problems.append(f"first upper edge must be > {SCORE_MIN:g}, got {edges[0]:g}")

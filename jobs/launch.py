@@ -1,10 +1,10 @@
 """cpt entry point (Hydra). Composes conf/config.yaml and hands it to cpt.pipeline.
 
-    python jobs/launch.py                      # whole pipeline, local, tiny models
-    python jobs/launch.py stage=generate       # one stage
-    python jobs/launch.py plan=true            # what would run, nothing runs
-    python jobs/launch.py --cfg job            # print the composed config
-    python jobs/launch.py -m student=tiny,tiny_nosys   # multirun (sweep)
+python jobs/launch.py                      # whole pipeline, local, tiny models
+python jobs/launch.py stage=generate       # one stage
+python jobs/launch.py plan=true            # what would run, nothing runs
+python jobs/launch.py --cfg job            # print the composed config
+python jobs/launch.py -m student=tiny,tiny_nosys   # multirun (sweep)
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
-from cpt import pipeline  # noqa: E402
-from cpt.config import ConfigError, register_configs, to_config  # noqa: E402
-from cpt.store import StoreError  # noqa: E402
+from cpt import pipeline
+from cpt.config import ConfigError, register_configs, to_config
+from cpt.store import StoreError
 
 register_configs()
 

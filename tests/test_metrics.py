@@ -27,7 +27,9 @@ from cpt.metrics import (
 )
 
 LEVELS = ("low", "moderate", "extremely high")
-SCALE = LevelScale(LEVELS, (40.0, 92.5, 100.0))  # paper: low ≤ 40 < moderate ≤ 92.5 < extremely high
+SCALE = LevelScale(
+    LEVELS, (40.0, 92.5, 100.0)
+)  # paper: low ≤ 40 < moderate ≤ 92.5 < extremely high
 
 
 def eval_frame(rows: list[tuple]) -> pd.DataFrame:
@@ -206,11 +208,11 @@ def test_bootstrap_ci_contains_point_and_is_deterministic_per_seed():
     df = synthetic()
     df = df[df["judge_ok"]]
     point = _acc(df)
-    ci = bootstrap_ci(df, _acc, n_boot=300, seed=7)
+    ci = bootstrap_ci(df, _acc, n_boot=100, seed=7)
     assert ci[0] <= point <= ci[1]
     assert ci[0] < ci[1]
-    assert bootstrap_ci(df, _acc, n_boot=300, seed=7) == ci
-    assert bootstrap_ci(df, _acc, n_boot=300, seed=8) != ci
+    assert bootstrap_ci(df, _acc, n_boot=100, seed=7) == ci
+    assert bootstrap_ci(df, _acc, n_boot=100, seed=8) != ci
 
 
 def test_bootstrap_resamples_whole_tasks():
@@ -225,7 +227,7 @@ def test_bootstrap_resamples_whole_tasks():
         seen.append(_acc(d))
         return seen[-1]
 
-    lo, hi = bootstrap_ci(df, stat, n_boot=200, seed=0)
+    lo, hi = bootstrap_ci(df, stat, n_boot=100, seed=0)
     assert set(seen) == {0.0, 0.75, 1.0}
     assert (lo, hi) == (0.0, 1.0)
 
@@ -246,7 +248,7 @@ def test_summarize_cis_equal_bootstrap_ci_with_same_seed():
     # summarize computes its CIs without materialising resamples; it must agree with scipy
     # on the materialised resamples (same seed -> same task draws)
     df = synthetic(n_tasks=12, per_cell=1, seed=3)
-    out = summarize(df, SCALE, n_boot=150, seed=11)
+    out = summarize(df, SCALE, n_boot=100, seed=11)
     valid = df[df["judge_ok"]]
 
     def tau(d: pd.DataFrame) -> float:
@@ -256,7 +258,7 @@ def test_summarize_cis_equal_bootstrap_ci_with_same_seed():
         return spearman_rho(d["target_level"].map(SCALE.index), d["score"])
 
     for key, fn in [("accuracy_ci", _acc), ("kendall_tau_ci", tau), ("spearman_rho_ci", rho)]:
-        assert out[key] == pytest.approx(bootstrap_ci(valid, fn, n_boot=150, seed=11), abs=1e-12)
+        assert out[key] == pytest.approx(bootstrap_ci(valid, fn, n_boot=100, seed=11), abs=1e-12)
 
 
 def test_bootstrap_ci_1000_resamples_of_10k_rows_under_2s():
@@ -394,7 +396,9 @@ def bon_frame() -> pd.DataFrame:
         ("g4", "low", 0, np.nan, False),
         ("g4", "low", 1, np.nan, False),
     ]
-    df = pd.DataFrame(samples, columns=["task_id", "target_level", "sample_idx", "score", "judge_ok"])
+    df = pd.DataFrame(
+        samples, columns=["task_id", "target_level", "sample_idx", "score", "judge_ok"]
+    )
     df.insert(1, "rubric", "chaos")
     return df
 

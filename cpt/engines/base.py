@@ -59,8 +59,9 @@ class Engine(Protocol):
         ...
 
 
-def fold_system(messages: tuple[dict[str, str], ...] | list[dict[str, str]],
-                system_role: bool) -> list[dict[str, str]]:
+def fold_system(
+    messages: tuple[dict[str, str], ...] | list[dict[str, str]], system_role: bool
+) -> list[dict[str, str]]:
     """Messages as the model's chat template accepts them.
 
     Models without a system role get the system text folded into the first user turn

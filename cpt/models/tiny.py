@@ -70,8 +70,9 @@ def tiny_model_dir(variant: str = "tiny", cache_dir: str | Path | None = None) -
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny model {variant!r}; known: {', '.join(VARIANTS)}")
     spec = VARIANTS[variant]
-    key = content_hash({"v": BUILDER_VERSION, "spec": asdict(spec),
-                        "corpus": file_sha256(CORPUS)}, 12)
+    key = content_hash(
+        {"v": BUILDER_VERSION, "spec": asdict(spec), "corpus": file_sha256(CORPUS)}, 12
+    )
     root = Path(cache_dir) if cache_dir else cache_root()
     target = root / f"{variant}-{key}"
     if (target / "model.safetensors").exists():
@@ -97,13 +98,20 @@ def _build_tokenizer(spec: TinySpec):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS.read_text(encoding="utf-8").splitlines(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None,
-                                   eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
     fast.chat_template = _CHATML if spec.system_role else _CHATML_NO_SYSTEM
     fast.padding_side = "left"
     fast.model_max_length = spec.max_position_embeddings
@@ -118,17 +126,24 @@ def _build(spec: TinySpec, out: Path) -> None:
     tokenizer.save_pretrained(out)
     eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     config = LlamaConfig(
-        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads,
         num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=False,
-        bos_token_id=eos, eos_token_id=eos, pad_token_id=pad, torch_dtype="float32",
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        torch_dtype="float32",
     )
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad,
-                                               bos_token_id=eos, do_sample=False)
+    model.generation_config = GenerationConfig(
+        eos_token_id=eos, pad_token_id=pad, bos_token_id=eos, do_sample=False
+    )
     model.save_pretrained(out, safe_serialization=True)
 
 

@@ -1,11 +1,21 @@
 """One module per stage. `REGISTRY` lists them in pipeline order with what they need."""
 
 from cpt.pipeline import StageSpec
-from cpt.stages import tasks
+from cpt.stages import adherence, generate, sysprompts, tasks
 
 REGISTRY: dict[str, StageSpec] = {
     spec.name: spec
     for spec in [
         StageSpec("tasks", (), tasks.params, tasks.run, tasks.plan),
+        StageSpec("generate", ("tasks",), generate.params, generate.run, generate.plan, gpu=True),
+        StageSpec("sysprompts", (), sysprompts.params, sysprompts.run, sysprompts.plan, gpu=True),
+        StageSpec(
+            "adherence",
+            ("tasks", "generate"),
+            adherence.params,
+            adherence.run,
+            adherence.plan,
+            gpu=True,
+        ),
     ]
 }

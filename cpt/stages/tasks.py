@@ -24,8 +24,11 @@ def _source_fingerprint(src: TaskSource) -> str:
 
 
 def params(cfg: CptConfig) -> dict[str, Any]:
-    return {"tasks": cfg.tasks, "seed": cfg.seed,
-            "files": [_source_fingerprint(s) for s in cfg.tasks.sources]}
+    return {
+        "tasks": cfg.tasks,
+        "seed": cfg.seed,
+        "files": [_source_fingerprint(s) for s in cfg.tasks.sources],
+    }
 
 
 def split_tasks(tasks: list[Task], test_fraction: float, seed: int) -> dict[str, str]:
@@ -38,25 +41,33 @@ def split_tasks(tasks: list[Task], test_fraction: float, seed: int) -> dict[str,
 
 
 def load(cfg: CptConfig) -> list[Task]:
-    sources = [TaskSource(**{**vars(s), "path": str(resolve_path(s.path)) if s.path else ""})
-               for s in cfg.tasks.sources]
+    sources = [
+        TaskSource(**{**vars(s), "path": str(resolve_path(s.path)) if s.path else ""})
+        for s in cfg.tasks.sources
+    ]
     return load_tasks(sources, num_tasks=cfg.tasks.num_tasks, seed=cfg.seed)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     tasks = load(ctx.cfg)
     split = split_tasks(tasks, ctx.cfg.tasks.test_fraction, ctx.cfg.seed)
-    table = pa.table({
-        "id": [t.task_id for t in tasks],
-        "text": [t.text for t in tasks],
-        "source": [t.source for t in tasks],
-        "genre": [t.genre for t in tasks],
-        "split": [split[t.task_id] for t in tasks],
-    })
+    table = pa.table(
+        {
+            "id": [t.task_id for t in tasks],
+            "text": [t.text for t in tasks],
+            "source": [t.source for t in tasks],
+            "genre": [t.genre for t in tasks],
+            "split": [split[t.task_id] for t in tasks],
+        }
+    )
     store.write_shard(ctx.out_dir, 0, table, {})
     n_test = sum(v == "test" for v in split.values())
-    return {"rows": len(tasks), "n_shards": 1, "train_tasks": len(tasks) - n_test,
-            "test_tasks": n_test}
+    return {
+        "rows": len(tasks),
+        "n_shards": 1,
+        "train_tasks": len(tasks) - n_test,
+        "test_tasks": n_test,
+    }
 
 
 def plan(cfg: CptConfig) -> dict[str, Any]:

@@ -1,0 +1,106 @@
+"""Text generation behind one interface: `build_engine(model, engine).generate(requests)`.
+
+Three engines, one `Engine` protocol (`cpt.engines.base`):
+
+    hf      `cpt.engines.hf.HFEngine`          transformers, batched with left padding; the CPU/debug default
+    vllm    `cpt.engines.vllm.VLLMEngine`      offline `vllm.LLM`; LoRA via `LoRARequest`; the cluster default
+    openai  `cpt.engines.openai.OpenAIEngine`  any OpenAI-compatible server (e.g. a vLLM server job)
+
+Importing this package imports neither torch nor vllm; `build_engine` imports the one it needs.
+
+Behaviour every engine shares:
+- System prompts are folded into the first user turn for models with `system_role: false`.
+- `Request.json_schema` constrains the output (xgrammar in hf and vllm, `response_format` for servers).
+  Whitespace between JSON tokens is not free-form (compact JSON), so a weak model cannot loop on
+  spaces until `max_new_tokens`.
+- A request with `sampling.seed=None` is seeded from a hash of its id (`request_seed`), so a
+  re-run of the same rows reproduces the same samples.
+- One bad request gives `Completion(finish_reason="error", error=...)`; it never fails the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cpt.engines.base import Completion, Engine, Request, Sampling, fold_system
+
+if TYPE_CHECKING:
+    from cpt.config import EngineConfig, ModelConfig
+
+__all__ = [
+    "Completion",
+    "Engine",
+    "Request",
+    "Sampling",
+    "adapter_name",
+    "build_engine",
+    "fold_system",
+    "request_seed",
+]
+
+
+def build_engine(model: ModelConfig, engine: EngineConfig, **options: Any) -> Engine:
+    """The engine for `model`: `model.engine` if set, else `engine.kind`.
+
+    `options` go to the engine's constructor; the ones every engine accepts:
+        adapters (`bool`, defaults to `False`): requests will name LoRA adapters (vLLM reserves
+            LoRA slots only when this is true; hf and openai serve adapters either way).
+    """
+    from cpt.config import EngineKind
+
+    kind = model.engine or engine.kind
+    if isinstance(kind, str):
+        kind = EngineKind(kind)
+    if kind is EngineKind.hf:
+        from cpt.engines.hf import HFEngine
+
+        return HFEngine(model, engine, **options)
+    if kind is EngineKind.vllm:
+        from cpt.engines.vllm import VLLMEngine
+
+        return VLLMEngine(model, engine, **options)
+    if kind is EngineKind.openai:
+        from cpt.engines.openai import OpenAIEngine
+
+        return OpenAIEngine(model, engine, **options)
+    raise ValueError(f"engine.kind: unknown engine {kind!r} (known: hf, vllm, openai)")
+
+
+def request_seed(request: Request) -> int:
+    """The request's sampling seed; `seed=None` becomes a stable hash of the request id."""
+    if request.sampling.seed is not None:
+        return int(request.sampling.seed)
+    digest = hashlib.sha256(request.id.encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def adapter_name(adapter: str) -> str:
+    """Stable served name of a LoRA adapter folder: `<folder name>-<8 hex of its absolute path>`.
+
+    The same name is used by PEFT (hf), `LoRARequest` (vllm) and as the model name on an
+    OpenAI-compatible server (start vLLM with `--lora-modules <adapter_name(p)>=<p>`, see
+    `cpt.engines.openai.lora_modules_arg`). A string that is not an existing folder and has no
+    path separator is taken as an already served name.
+    """
+    p = Path(adapter).expanduser()
+    if os.sep not in adapter and not p.exists():
+        return adapter
+    full = str(p.absolute())
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in p.absolute().name) or "adapter"
+    return f"{stem}-{hashlib.sha1(full.encode()).hexdigest()[:8]}"
+
+
+def group_key(request: Request) -> tuple[Any, ...]:
+    """Requests with equal keys can share one batched engine call."""
+    schema = json.dumps(request.json_schema, sort_keys=True) if request.json_schema else ""
+    return (
+        request.sampling.max_new_tokens,
+        request.sampling.temperature,
+        request.sampling.top_p,
+        schema,
+        request.adapter or "",
+    )

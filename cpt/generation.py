@@ -1,0 +1,150 @@
+"""Workers for the parallel runner: chat rows -> completions, and responses -> judgements.
+
+A work row is a dict with `id`, `messages` (JSON text of the chat), `seed`, optional
+`adapter`, and any metadata columns, which are passed through to the output row. The
+factories are picklable (plain dataclasses inside), so Ray can ship them to actors, where
+each builds its own engine once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from cpt.config import EngineConfig, ModelConfig, ParallelConfig
+from cpt.engines.base import Request, Sampling
+from cpt.parallel import Resources, Row, RunStats, WorkerFactory, run_sharded
+
+_WORK_KEYS = ("id", "messages", "seed", "adapter")
+
+
+def sampling_of(model: ModelConfig, seed: int) -> Sampling:
+    s = model.sampling
+    return Sampling(s.max_new_tokens, s.temperature, s.top_p, seed)
+
+
+@dataclass(frozen=True)
+class GenerateFactory:
+    """Builds a worker that runs each row's chat through `model` and keeps the metadata."""
+
+    model: ModelConfig
+    engine: EngineConfig
+
+    def __call__(self):
+        from cpt.engines import build_engine
+
+        engine = build_engine(self.model, self.engine)
+        model = self.model
+
+        def work(rows: list[Row]) -> list[Row]:
+            requests = [
+                Request(
+                    id=r["id"],
+                    messages=tuple(json.loads(r["messages"])),
+                    sampling=sampling_of(model, r["seed"]),
+                    adapter=r.get("adapter") or None,
+                )
+                for r in rows
+            ]
+            outs = engine.generate(requests)
+            return [
+                {
+                    "id": r["id"],
+                    **{k: v for k, v in r.items() if k not in _WORK_KEYS},
+                    "text": o.text,
+                    "prompt_tokens": o.prompt_tokens,
+                    "completion_tokens": o.completion_tokens,
+                    "finish_reason": o.finish_reason,
+                    "ok": o.finish_reason != "error",
+                    "error": o.error,
+                }
+                for r, o in zip(rows, outs)
+            ]
+
+        return work
+
+
+@dataclass(frozen=True)
+class JudgeFactory:
+    """Builds a worker that judges rows (`messages` = the judge prompt) with retries."""
+
+    model: ModelConfig
+    engine: EngineConfig
+    repair_template: str
+    max_attempts: int
+
+    def __call__(self):
+        from cpt.engines import build_engine
+        from cpt.judge import JudgeItem, judge_all
+
+        engine = build_engine(self.model, self.engine)
+
+        def work(rows: list[Row]) -> list[Row]:
+            items = [JudgeItem(r["id"], tuple(json.loads(r["messages"])), r["seed"]) for r in rows]
+            verdicts, completions = judge_all(
+                engine, items, sampling_of(self.model, 0), self.repair_template, self.max_attempts
+            )
+            tokens: dict[str, int] = {}
+            for c in completions:
+                tokens[c.id] = tokens.get(c.id, 0) + c.completion_tokens
+            return [
+                {
+                    "id": r["id"],
+                    **{k: v for k, v in r.items() if k not in _WORK_KEYS},
+                    "score": v.score,
+                    "critique": v.critique,
+                    "ok": v.ok,
+                    "error": v.error,
+                    "attempts": v.attempts,
+                    "raw": v.raw,
+                    "completion_tokens": tokens[r["id"]],
+                }
+                for r, v in zip(rows, verdicts)
+            ]
+
+        return work
+
+
+def run_rows(
+    rows: list[Row],
+    out_dir,
+    shard_size: int,
+    factory: WorkerFactory,
+    model: ModelConfig,
+    engine: EngineConfig,
+    parallel: ParallelConfig,
+    label: str,
+    should_stop=None,
+) -> RunStats:
+    """`run_sharded` with the replica count and resources taken from the configs."""
+    return run_sharded(
+        rows,
+        out_dir,
+        shard_size,
+        factory,
+        backend=parallel.backend,
+        replicas=engine.replicas,
+        resources=Resources(cpus=engine.cpus_per_replica, gpus=model.gpus),
+        ray_address=parallel.address,
+        ray_num_cpus=parallel.num_cpus,
+        log_every_s=parallel.log_every_s,
+        label=label,
+        should_stop=should_stop,
+    )
+
+
+def row_seed(base_seed: int, row_id: str) -> int:
+    """A per-row sampling seed: stable for the row, different between rows."""
+    from cpt.store import content_hash
+
+    return int(content_hash([base_seed, row_id], 8), 16) & 0x7FFFFFFF
+
+
+def work_row(row_id: str, messages: list[dict[str, str]], seed: int, **meta: Any) -> Row:
+    return {
+        "id": row_id,
+        "messages": json.dumps(messages, ensure_ascii=False),
+        "seed": row_seed(seed, row_id),
+        **meta,
+    }

@@ -1,0 +1,334 @@
+"""Sharded parallel runner: work grid -> deterministic shards -> workers -> Parquet shards.
+
+The rows of a stage's work grid carry stable ids. They are cut into shards by sorting on
+the id (ids are content hashes, so long and short prompts mix evenly) and chunking; the
+same grid always gives the same shards. Workers (Ray actors, each holding one engine
+replica) pull shards one at a time from a queue; each finished shard is written atomically
+by the worker as one Parquet file plus a receipt. A re-run skips shards whose receipt and
+checksum are intact and redoes the rest, so a killed run finishes with exactly-once rows.
+
+A worker is any callable `rows -> output rows` built by a picklable factory, so the
+runner knows nothing about engines or stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from cpt import store
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+Worker = Callable[[list[Row]], list[Row]]
+WorkerFactory = Callable[[], Worker]
+
+MAX_SHARD_ATTEMPTS = 3  # a shard whose worker died is retried on another replica
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker replica reserves in Ray."""
+
+    cpus: float = 1.0
+    gpus: int = 0  # GPUs per replica (tensor parallel size for vLLM)
+
+
+@dataclass
+class RunStats:
+    n_shards: int
+    shards_skipped: int
+    rows: int
+    seconds: float
+    tokens: int
+    failures: int
+    retried_shards: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def plan_shards(ids: Sequence[str], shard_size: int) -> list[list[int]]:
+    """Row indices of each shard: rows sorted by id, then cut every `shard_size` rows."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if len(set(ids)) != len(ids):
+        raise ValueError("row ids must be unique to shard a work grid")
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    return [order[i : i + shard_size] for i in range(0, len(order), shard_size)]
+
+
+def write_rows(out_dir: Path, index: int, rows: list[Row], stats: dict[str, Any]) -> dict:
+    """One shard from output rows (the first key of each row must be `id`)."""
+    table = pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string())})
+    stats = {
+        **stats,
+        "tokens": sum(int(r.get("completion_tokens", 0) or 0) for r in rows),
+        "failures": sum(1 for r in rows if r.get("ok") is False),
+    }
+    return store.write_shard(out_dir, index, table, stats)
+
+
+def process_shard(worker: Worker, out_dir: Path, index: int, rows: list[Row]) -> dict:
+    started = time.time()
+    out = worker(rows)
+    return write_rows(
+        out_dir,
+        index,
+        out,
+        {
+            "seconds": round(time.time() - started, 3),
+            "host": os.uname().nodename,
+            "pid": os.getpid(),
+        },
+    )
+
+
+class _Progress:
+    """A progress bar on a terminal; a log line every `every_s` seconds otherwise (Slurm)."""
+
+    def __init__(self, total: int, done: int, every_s: float, label: str):
+        self.total, self.done, self.every_s, self.label = total, done, every_s, label
+        self.rows = self.tokens = 0
+        self.start = self.last = time.time()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc=label, unit="shard")
+
+    def update(self, receipt: dict) -> None:
+        self.done += 1
+        self.rows += receipt["rows"]
+        self.tokens += receipt.get("tokens", 0)
+        dt = max(time.time() - self.start, 1e-9)
+        rates = f"{self.rows / dt:.1f} rows/s, {self.tokens / dt:.0f} tok/s"
+        if self.bar is not None:
+            self.bar.set_postfix_str(rates, refresh=False)
+            self.bar.update(1)
+        elif time.time() - self.last >= self.every_s or self.done == self.total:
+            self.last = time.time()
+            log.info("%s: %d/%d shards, %s", self.label, self.done, self.total, rates)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_sharded(
+    rows: list[Row],
+    out_dir: Path,
+    shard_size: int,
+    factory: WorkerFactory,
+    *,
+    backend: str = "ray",
+    replicas: int = 1,
+    resources: Resources = Resources(),
+    ray_address: str = "",
+    ray_num_cpus: int = 0,
+    log_every_s: float = 30.0,
+    label: str = "",
+    should_stop: Callable[[], bool] | None = None,
+) -> RunStats:
+    """Process `rows` in shards under `out_dir/shards`, skipping shards already finished.
+
+    Returns the stats of all shards (finished before and now). Raises StoreError if
+    `should_stop()` became true before every shard was finished (e.g. preemption): the
+    finished shards are kept, and a re-run continues from them.
+    """
+    started = time.time()
+    shards = plan_shards([r["id"] for r in rows], shard_size)
+    done = store.finished_shards(out_dir, len(shards))
+    todo = [i for i in range(len(shards)) if i not in done]
+    log.info(
+        "%s: %d rows in %d shards, %d finished before, %d to do",
+        label,
+        len(rows),
+        len(shards),
+        len(done),
+        len(todo),
+    )
+    retried = 0
+    if todo:
+        progress = _Progress(len(shards), len(done), log_every_s, label or out_dir.name)
+        payload = {i: [rows[j] for j in shards[i]] for i in todo}
+        try:
+            if backend == "inline":
+                worker = factory()
+                for i in todo:
+                    if should_stop and should_stop():
+                        break
+                    done[i] = process_shard(worker, out_dir, i, payload[i])
+                    progress.update(done[i])
+            else:
+                retried = _run_ray(
+                    payload,
+                    out_dir,
+                    factory,
+                    replicas,
+                    resources,
+                    ray_address,
+                    ray_num_cpus,
+                    done,
+                    progress,
+                    should_stop,
+                )
+        finally:
+            progress.close()
+    missing = [i for i in range(len(shards)) if i not in done]
+    if missing:
+        raise store.StoreError(
+            f"{out_dir}: stopped with {len(missing)} of {len(shards)} shards "
+            "unfinished; re-run to continue from the finished ones"
+        )
+    receipts = list(done.values())
+    return RunStats(
+        n_shards=len(shards),
+        shards_skipped=len(shards) - len(todo),
+        rows=sum(r["rows"] for r in receipts),
+        seconds=round(time.time() - started, 3),
+        tokens=sum(r.get("tokens", 0) for r in receipts),
+        failures=sum(r.get("failures", 0) for r in receipts),
+        retried_shards=retried,
+    )
+
+
+def init_ray(address: str = "", num_cpus: int = 0) -> None:
+    """Join `address` (a cluster) or start a local Ray; no dashboard, quiet."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": True,
+        "ignore_reinit_error": True,
+    }
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["num_cpus"] = num_cpus or os.cpu_count()
+    ray.init(**kwargs)
+
+
+def _make_actor_class():
+    import ray
+
+    @ray.remote(max_restarts=0)
+    class ShardActor:
+        def __init__(self, factory: WorkerFactory):
+            self.worker = factory()
+
+        def run(self, out_dir: str, index: int, rows: list[Row]) -> dict:
+            return process_shard(self.worker, Path(out_dir), index, rows)
+
+    return ShardActor
+
+
+def _actor_options(resources: Resources) -> dict[str, Any]:
+    """One placement group per replica: all of a replica's GPUs (tensor parallel) on one node."""
+    if resources.gpus <= 0:
+        return {"num_cpus": resources.cpus}
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundles = [{"GPU": 1, "CPU": resources.cpus}] + [{"GPU": 1}] * (resources.gpus - 1)
+    pg = placement_group(bundles, strategy="STRICT_PACK")
+    return {
+        "num_cpus": resources.cpus,
+        "num_gpus": 1 if resources.gpus == 1 else 0,
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            placement_group=pg,
+            placement_group_bundle_index=0,
+            placement_group_capture_child_tasks=True,
+        ),
+    }
+
+
+def _run_ray(
+    payload: dict[int, list[Row]],
+    out_dir: Path,
+    factory: WorkerFactory,
+    replicas: int,
+    resources: Resources,
+    address: str,
+    num_cpus: int,
+    done: dict[int, dict],
+    progress: _Progress,
+    should_stop: Callable[[], bool] | None,
+) -> int:
+    """Actor pool pulling shards from a queue; a shard whose actor died goes back in."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    init_ray(address, num_cpus)
+    if replicas <= 0:  # as many as the cluster's resources allow
+        avail = ray.cluster_resources()
+        by = (
+            (avail.get("GPU", 0) // resources.gpus)
+            if resources.gpus
+            else (avail.get("CPU", 1) // resources.cpus)
+        )
+        replicas = max(1, int(by))
+    replicas = min(replicas, len(payload))
+    actor_cls = _make_actor_class()
+    actors = [
+        actor_cls.options(**_actor_options(resources)).remote(factory) for _ in range(replicas)
+    ]
+    queue = sorted(payload)
+    attempts = dict.fromkeys(payload, 0)
+    in_flight: dict[Any, tuple[Any, int]] = {}
+    retried = 0
+
+    def dispatch(actor: Any) -> None:
+        if queue and not (should_stop and should_stop()):
+            i = queue.pop(0)
+            attempts[i] += 1
+            in_flight[actor.run.remote(str(out_dir), i, payload[i])] = (actor, i)
+
+    try:
+        for actor in actors:
+            dispatch(actor)
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            actor, i = in_flight.pop(ready[0])
+            try:
+                done[i] = ray.get(ready[0])
+                progress.update(done[i])
+                dispatch(actor)
+            except RayActorError as exc:
+                log.warning(
+                    "shard %d: worker replica died (%s); retrying on another",
+                    i,
+                    str(exc).splitlines()[0],
+                )
+                actors.remove(actor)
+                if attempts[i] >= MAX_SHARD_ATTEMPTS:
+                    raise store.StoreError(
+                        f"{out_dir}: shard {i} failed {attempts[i]} times "
+                        "(worker replica died each time)"
+                    ) from exc
+                retried += 1
+                queue.insert(0, i)
+                replacement = actor_cls.options(**_actor_options(resources)).remote(factory)
+                actors.append(replacement)
+                dispatch(replacement)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return retried
+
+
+def n_shards(n_rows: int, shard_size: int) -> int:
+    return math.ceil(n_rows / shard_size) if n_rows else 0

@@ -1,0 +1,144 @@
+"""adherence: the judge scores every teacher generation against its rubric(s) (Table 2).
+Reads tasks/, generate/; writes adherence/*.parquet (one row per generation and rubric:
+id, gen_id, task_id, rubric, level, part_rubric, part_level, kind, score, critique, ok,
+error, attempts) plus table2.parquet / table2.md: the teacher's mean judge score per target
+level and for the no-rubric baseline, with judge failures counted (never scored 0).
+Run alone: python jobs/launch.py stage=adherence
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from cpt import store
+from cpt.config import CptConfig, JudgingConfig
+from cpt.generation import JudgeFactory, run_rows, work_row
+from cpt.pipeline import StageContext
+from cpt.prompts import judge_messages, judge_nonce, load_selected_rubrics
+
+
+def params(cfg: CptConfig) -> dict[str, Any]:
+    return {
+        "judge": cfg.judge,
+        "engine": (cfg.judge.engine or cfg.engine.kind),
+        "rubrics": [r.content_hash() for r in load_selected_rubrics(cfg)],
+        "templates": [cfg.prompts.judge_system, cfg.prompts.judge, cfg.prompts.judge_repair],
+        "adherence": cfg.adherence,
+        "seed": cfg.seed,
+    }
+
+
+def judge_factory(cfg: CptConfig, judging: JudgingConfig) -> JudgeFactory:
+    return JudgeFactory(cfg.judge, cfg.engine, cfg.prompts.judge_repair, judging.max_attempts)
+
+
+def work_grid(cfg: CptConfig, tasks: dict[str, str], gens: list[dict]) -> list[dict]:
+    rubrics = {r.name: r for r in load_selected_rubrics(cfg)}
+    singles = cfg.rubrics.include or sorted(rubrics)
+    rows = []
+    for g in gens:
+        if g["kind"] == "no_rubric":  # the baseline is scored against every single rubric
+            parts = [(name, "") for name in singles]
+        else:
+            parts = list(zip(g["rubric"].split("+"), g["level"].split("|")))
+        for part_rubric, part_level in parts:
+            rid = store.content_hash(["adh", g["id"], part_rubric])
+            msgs = judge_messages(
+                cfg.prompts,
+                rubrics[part_rubric],
+                tasks[g["task_id"]],
+                g["text"],
+                judge_nonce(g["id"], part_rubric),
+            )
+            rows.append(
+                work_row(
+                    rid,
+                    msgs,
+                    cfg.seed,
+                    gen_id=g["id"],
+                    task_id=g["task_id"],
+                    rubric=g["rubric"],
+                    level=g["level"],
+                    part_rubric=part_rubric,
+                    part_level=part_level,
+                    kind=g["kind"],
+                    sample_idx=g["sample_idx"],
+                )
+            )
+    return rows
+
+
+def table2(cfg: CptConfig, rows: list[dict]) -> pa.Table:
+    """Mean judge score per (teacher, rubric) and column: no rubric, then each level.
+
+    Only single-rubric generations and the baseline enter; combos are reported per part.
+    Cells are means over judged responses; failures are counted in their own column.
+    """
+    columns = ["no_rubric", *cfg.levels.names]
+    cells: dict[tuple[str, str], list[float]] = {}
+    failures: dict[str, int] = {}
+    for r in rows:
+        col = "no_rubric" if r["kind"] == "no_rubric" else r["part_level"]
+        key = (r["part_rubric"], col)
+        if not r["ok"]:
+            failures[r["part_rubric"]] = failures.get(r["part_rubric"], 0) + 1
+            continue
+        cells.setdefault(key, []).append(r["score"])
+        cells.setdefault(("ALL", col), []).append(r["score"])
+    names = [*sorted({r["part_rubric"] for r in rows}), "ALL"]
+    failures["ALL"] = sum(failures.values())
+
+    def mean(xs: list[float] | None) -> float | None:
+        return round(sum(xs) / len(xs), 2) if xs else None
+
+    data: dict[str, list] = {"teacher": [cfg.teacher.name] * len(names), "rubric": names}
+    for col in columns:
+        data[col] = [mean(cells.get((n, col))) for n in names]
+        data[f"n_{col}"] = [len(cells.get((n, col), [])) for n in names]
+    data["judge_failures"] = [failures.get(n, 0) for n in names]
+    return pa.table(data)
+
+
+def table2_markdown(table: pa.Table, levels: list[str]) -> str:
+    cols = ["no_rubric", *levels]
+    head = (
+        "| teacher | rubric | "
+        + " | ".join(c.replace("_", " ") for c in cols)
+        + " | judge failures |"
+    )
+    lines = [head, "|" + "---|" * (len(cols) + 3)]
+    for row in table.to_pylist():
+        vals = ["-" if row[c] is None else f"{row[c]:.1f} (n={row['n_' + c]})" for c in cols]
+        lines.append(
+            f"| {row['teacher']} | {row['rubric']} | "
+            + " | ".join(vals)
+            + f" | {row['judge_failures']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg = ctx.cfg
+    tasks = {t["id"]: t["text"] for t in store.read_table(ctx.inputs["tasks"]).to_pylist()}
+    gens = store.read_table(ctx.inputs["generate"]).to_pylist()
+    rows = work_grid(cfg, tasks, gens)
+    stats = run_rows(
+        rows,
+        ctx.out_dir,
+        cfg.adherence.shard_size,
+        judge_factory(cfg, cfg.adherence),
+        cfg.judge,
+        cfg.engine,
+        cfg.parallel,
+        label="adherence",
+    )
+    t2 = table2(cfg, store.read_shards(ctx.out_dir, stats.n_shards).to_pylist())
+    store.atomic_write_parquet(ctx.out_dir / "table2.parquet", t2)
+    store.atomic_write_text(ctx.out_dir / "table2.md", table2_markdown(t2, cfg.levels.names))
+    return {**stats.as_dict(), "judge_failures": stats.failures}
+
+
+def plan(cfg: CptConfig) -> dict[str, Any]:
+    return {"shard_size": cfg.adherence.shard_size}

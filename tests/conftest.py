@@ -1,0 +1,79 @@
+"""Shared fixtures: the tiny models, composed configs, a local Ray."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    from cpt.models.tiny import tiny_model_dir
+
+    return tiny_model_dir("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_nosys_dir() -> Path:
+    from cpt.models.tiny import tiny_model_dir
+
+    return tiny_model_dir("tiny_nosys")
+
+
+def compose(*overrides: str):
+    """The composed config (dataclasses) for these overrides, as jobs/launch.py sees it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from cpt.config import register_configs, to_config
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return to_config(hydra_compose(config_name="config", overrides=list(overrides)))
+
+
+def launch(
+    *args: str, timeout: float = 600, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run jobs/launch.py in a subprocess (the real entry point) and capture its output."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "launch.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    from cpt.parallel import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def has_slurm() -> bool:
+    return (
+        shutil.which("sbatch") is not None
+        and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+    )
