@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cpt.store import content_hash, file_sha256
 
-BUILDER_VERSION = 1  # bump when the recipe below changes, so caches are rebuilt
+BUILDER_VERSION = 2  # bump when the recipe below changes, so caches are rebuilt
 CORPUS = Path(__file__).with_name("tiny_corpus.txt")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -111,9 +111,9 @@ def _build_tokenizer(spec: TinySpec):
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
+        padding_side="left",  # decoder-only generation pads on the left
     )
     fast.chat_template = _CHATML if spec.system_role else _CHATML_NO_SYSTEM
-    fast.padding_side = "left"
     fast.model_max_length = spec.max_position_embeddings
     return fast
 

@@ -1,0 +1,99 @@
+"""Templates, conditions (single and compositional) and the teacher/summarizer prompts."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import compose
+
+from cpt.prompts import (
+    conditions,
+    fill,
+    level_band,
+    student_messages,
+    summarizer_messages,
+    teacher_messages,
+    teacher_no_rubric_messages,
+)
+from cpt.stages.sysprompts import clean_system_prompt
+
+
+def test_fill_inserts_values_verbatim_and_never_rescans():
+    out = fill("A {{x}} B {{y}}", x="{{y}}", y="{z}")
+    assert out == "A {{y}} B {z}"
+    with pytest.raises(KeyError, match="y"):
+        fill("{{x}} {{y}}", x=1)
+
+
+def test_paper_conditions_grid():
+    cfg = compose("rubrics=paper")
+    conds = conditions(cfg)
+    assert len(conds) == 4 * 3
+    assert {c.level for c in conds} == {"low", "moderate", "extremely_high"}
+    assert all(len(c.parts) == 1 for c in conds)
+
+
+def test_compositional_conditions():
+    cfg = compose("rubrics=compose")
+    combos = [c for c in conditions(cfg) if len(c.parts) == 2]
+    assert len(combos) == 4  # 2 rubrics x combo_levels [low, extremely_high]
+    c = combos[1]
+    assert c.rubric == "humour+formal-register" and c.level == "low|extremely_high"
+    msg = teacher_messages(cfg.prompts, cfg.levels, c, "Write a memo.")[0]["content"]
+    assert 'Rubric "humour"' in msg and 'Rubric "formal-register"' in msg
+    assert msg.index("low (a judge") < msg.index("extremely high (a judge")
+    s = summarizer_messages(cfg.prompts, cfg.levels, c)[0]["content"]
+    assert 'low adherence to "humour"' in s and 'extremely high adherence to "formal-register"' in s
+
+
+def test_teacher_prompt_shows_rubric_then_task_and_the_band():
+    cfg = compose()
+    cond = conditions(cfg)[2]  # extremely_high of the first rubric
+    msg = teacher_messages(cfg.prompts, cfg.levels, cond, "TASK-TEXT")[0]["content"]
+    rubric = cond.parts[0].rubric
+    assert rubric.to_markdown() in msg
+    assert msg.index(rubric.to_markdown()) < msg.index("TASK-TEXT")
+    assert "extremely high" in msg and "92.5-100" in msg
+    assert level_band(cfg.levels, cfg.levels.levels[0]) == "0-40"
+
+
+def test_no_rubric_baseline_is_the_bare_task():
+    cfg = compose()
+    assert teacher_no_rubric_messages(cfg.prompts, "Just this.") == [
+        {"role": "user", "content": "Just this."}
+    ]
+
+
+def test_summarizer_asks_to_hide_the_rubric_and_varies_paraphrases():
+    cfg = compose()
+    cond = conditions(cfg)[0]
+    a = summarizer_messages(cfg.prompts, cfg.levels, cond, 0)[0]["content"]
+    b = summarizer_messages(cfg.prompts, cfg.levels, cond, 1)[0]["content"]
+    assert "do not copy the table" in a and "two or three sentences" in a
+    assert a != b and "paraphrase 2" in b
+
+
+def test_student_messages_carry_the_system_prompt():
+    cfg = compose()
+    msgs = student_messages(cfg.prompts, "Be ornate.", "Describe a chair.")
+    assert msgs == [
+        {"role": "system", "content": "Be ornate."},
+        {"role": "user", "content": "Describe a chair."},
+    ]
+
+
+@pytest.mark.parametrize(
+    "raw,clean",
+    [
+        ('"Write plainly."', "Write plainly."),
+        ("System prompt: Write plainly.", "Write plainly."),
+        ("  Write plainly.  ", "Write plainly."),
+        ("", ""),
+    ],
+)
+def test_clean_system_prompt(raw, clean):
+    assert clean_system_prompt(raw) == clean
+
+
+def test_rubric_task_tags_filter_the_grid():
+    cfg = compose("rubrics.include=[support-empathy]")
+    assert conditions(cfg)[0].task_tags == ("letter", "support")
