@@ -386,6 +386,26 @@ class JudgingConfig:
 
 
 @dataclass
+class PairsConfig:
+    """Parameters:
+    filter (`bool`, defaults to `False`): keep a pair only if the judge (adherence stage)
+        ordered its two responses as their levels intend.
+    min_margin (`float`, defaults to `0.0`): with `filter`, the score gap (0-100 points) the
+        higher-level response must lead by.
+    """
+
+    filter: bool = False
+    min_margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(
+            0 <= self.min_margin <= 100,
+            "pairs.min_margin",
+            f"must be within 0-100, got {self.min_margin}",
+        )
+
+
+@dataclass
 class CptConfig:
     """The whole composed configuration of a cpt run."""
 
@@ -407,6 +427,7 @@ class CptConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     sysprompts: SyspromptsConfig = field(default_factory=SyspromptsConfig)
     adherence: JudgingConfig = field(default_factory=JudgingConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
 
 
 def register_configs() -> None:

@@ -16,7 +16,7 @@ from cpt.config import EngineConfig, ModelConfig, ParallelConfig
 from cpt.engines.base import Request, Sampling
 from cpt.parallel import Resources, Row, RunStats, WorkerFactory, run_sharded
 
-_WORK_KEYS = ("id", "messages", "seed", "adapter")
+_WORK_KEYS = ("id", "seed", "adapter")  # the rest (prompt messages too) passes through
 
 
 def sampling_of(model: ModelConfig, seed: int) -> Sampling:

@@ -309,8 +309,9 @@ def _run_ray(
                 dispatch(actor)
             except RayActorError as exc:
                 if exc.actor_init_failed:  # e.g. a bad model path: retrying cannot help
-                    raise store.StoreError(f"{label or out_dir}: a worker replica failed to "
-                                           f"start: {exc}") from None
+                    raise store.StoreError(
+                        f"{out_dir}: a worker replica failed to start: {exc}"
+                    ) from None
                 log.warning(
                     "shard %d: worker replica died (%s); retrying on another",
                     i,

@@ -95,7 +95,8 @@ def run_stage(cfg: CptConfig, name: str) -> Path:
     spec = stage_specs()[name]
     out = stage_dir(cfg, name)
     if store.is_done(out):
-        log.info("stage %s: done already (%s), skipping", name, out)
+        (log.info if cfg.stage is None or cfg.stage.value == name else log.debug)(
+            "stage %s: done already (%s), skipping", name, out)
         return out
     inputs = {dep: run_stage(cfg, dep) for dep in spec.needs}
     with store.stage_lock(out):

@@ -50,7 +50,13 @@ import pyarrow.parquet as pq
 
 from cpt.config import ConfigError, DeepSpeedConfig, DType, ModelConfig, resolve_path
 from cpt.engines.base import fold_system
-from cpt.store import atomic_write_bytes, atomic_write_json, content_hash, package_versions, read_json
+from cpt.store import (
+    atomic_write_bytes,
+    atomic_write_json,
+    content_hash,
+    package_versions,
+    read_json,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, TrainerCallback
@@ -58,8 +64,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("cpt.train")
 
 QUANTIZATIONS = ("none", "4bit", "8bit")
-METRIC_COLUMNS = ("step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                  "rewards/accuracies", "learning_rate", "epoch")
+METRIC_COLUMNS = (
+    "step",
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "learning_rate",
+    "epoch",
+)
 REQUIRED_COLUMNS = ("id", "prompt", "chosen", "rejected")
 CHECKPOINT_PREFIX = "checkpoint-"
 SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk; the newest is the one a re-launch resumes from
@@ -140,8 +154,17 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: float = 16
     lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
     beta: float = 0.1
     epochs: float = 1.0
     max_steps: int = -1
@@ -168,40 +191,63 @@ class TrainConfig:
 
         need(self.lora_r >= 1, f"train.lora_r must be >= 1, got {self.lora_r}")
         need(self.lora_alpha > 0, f"train.lora_alpha must be > 0, got {self.lora_alpha}")
-        need(0.0 <= self.lora_dropout < 1.0,
-             f"train.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        need(
+            0.0 <= self.lora_dropout < 1.0,
+            f"train.lora_dropout must be in [0, 1), got {self.lora_dropout}",
+        )
         mods = list(self.target_modules)
-        need(bool(mods) and all(isinstance(m, str) and m.strip() for m in mods),
-             f"train.target_modules must be a non-empty list of module names, got {mods}")
-        need("lm_head" not in mods, "train.target_modules must not contain 'lm_head' (TRL computes "
-             "log-probs from lm_head.weight directly, so its adapter would never train); remove it")
+        need(
+            bool(mods) and all(isinstance(m, str) and m.strip() for m in mods),
+            f"train.target_modules must be a non-empty list of module names, got {mods}",
+        )
+        need(
+            "lm_head" not in mods,
+            "train.target_modules must not contain 'lm_head' (TRL computes "
+            "log-probs from lm_head.weight directly, so its adapter would never train); remove it",
+        )
         need(self.beta > 0, f"train.beta must be > 0, got {self.beta}")
-        need(self.max_steps == -1 or self.max_steps >= 1,
-             f"train.max_steps must be -1 (use epochs) or >= 1, got {self.max_steps}")
-        need(self.max_steps >= 1 or self.epochs > 0,
-             f"train.epochs must be > 0 when max_steps is -1, got {self.epochs}")
+        need(
+            self.max_steps == -1 or self.max_steps >= 1,
+            f"train.max_steps must be -1 (use epochs) or >= 1, got {self.max_steps}",
+        )
+        need(
+            self.max_steps >= 1 or self.epochs > 0,
+            f"train.epochs must be > 0 when max_steps is -1, got {self.epochs}",
+        )
         need(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
-        need(self.per_device_batch_size >= 1,
-             f"train.per_device_batch_size must be >= 1, got {self.per_device_batch_size}")
+        need(
+            self.per_device_batch_size >= 1,
+            f"train.per_device_batch_size must be >= 1, got {self.per_device_batch_size}",
+        )
         need(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
-        need(0.0 <= self.warmup_ratio < 1.0,
-             f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        need(self.max_prompt_length >= 1,
-             f"train.max_prompt_length must be >= 1, got {self.max_prompt_length}")
-        need(self.max_length > self.max_prompt_length,
-             f"train.max_length must be > train.max_prompt_length (room for the response), got "
-             f"max_length={self.max_length}, max_prompt_length={self.max_prompt_length}")
+        need(
+            0.0 <= self.warmup_ratio < 1.0,
+            f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}",
+        )
+        need(
+            self.max_prompt_length >= 1,
+            f"train.max_prompt_length must be >= 1, got {self.max_prompt_length}",
+        )
+        need(
+            self.max_length > self.max_prompt_length,
+            f"train.max_length must be > train.max_prompt_length (room for the response), got "
+            f"max_length={self.max_length}, max_prompt_length={self.max_prompt_length}",
+        )
         need(bool(self.optim.strip()), "train.optim must name a transformers optimizer, got ''")
-        need(self.quantization in QUANTIZATIONS,
-             f"train.quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}")
+        need(
+            self.quantization in QUANTIZATIONS,
+            f"train.quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}",
+        )
         need(self.save_steps >= 1, f"train.save_steps must be >= 1, got {self.save_steps}")
         need(self.logging_steps >= 1, f"train.logging_steps must be >= 1, got {self.logging_steps}")
         need(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
         if len(problems) == 1:
             raise ConfigError(problems[0])
         if problems:
-            raise ConfigError("TrainConfig is not well-formed, found the following errors:\n  "
-                              + "\n  ".join(problems))
+            raise ConfigError(
+                "TrainConfig is not well-formed, found the following errors:\n  "
+                + "\n  ".join(problems)
+            )
 
 
 @dataclass
@@ -229,11 +275,13 @@ class UnfittableRow(ValueError):
     """A row whose system turn and chat template alone exceed `max_prompt_length`."""
 
 
-def _n_tokens(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
-              add_generation_prompt: bool) -> int:
+def _n_tokens(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool
+) -> int:
     # Exactly how TRL 1.16 tokenizes conversational rows (trl.data_utils._tokenize).
-    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        add_generation_prompt=add_generation_prompt)
+    enc = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )
     return len(enc["input_ids"])
 
 
@@ -262,10 +310,16 @@ def _longest_fitting(cuts: list[str], fits: Callable[[str], bool]) -> int:
     return lo
 
 
-def fit_example(prompt: Sequence[dict[str, str]], chosen: Sequence[dict[str, str]],
-                rejected: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerBase, *,
-                max_prompt_length: int, max_length: int, system_role: bool = True,
-                ) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
+def fit_example(
+    prompt: Sequence[dict[str, str]],
+    chosen: Sequence[dict[str, str]],
+    rejected: Sequence[dict[str, str]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_prompt_length: int,
+    max_length: int,
+    system_role: bool = True,
+) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
     """One preference row as TRL should see it, within the token limits, system turn intact.
 
     The prompt is folded for models without a system role (`fold_system`), then the last user
@@ -287,8 +341,9 @@ def fit_example(prompt: Sequence[dict[str, str]], chosen: Sequence[dict[str, str
         raise ValueError(f"prompt has no user turn (roles: {[m['role'] for m in msgs]})")
     for name, resp in (("chosen", chosen), ("rejected", rejected)):
         if not resp or resp[-1]["role"] != "assistant":
-            raise ValueError(f"{name} must end with an assistant turn, got roles "
-                             f"{[m['role'] for m in resp]}")
+            raise ValueError(
+                f"{name} must end with an assistant turn, got roles {[m['role'] for m in resp]}"
+            )
     task = msgs[task_at]["content"]
 
     def with_task(text: str) -> list[dict[str, str]]:
@@ -306,7 +361,8 @@ def fit_example(prompt: Sequence[dict[str, str]], chosen: Sequence[dict[str, str
             raise UnfittableRow(
                 f"the system turn and chat template alone take {bare} tokens, more than "
                 f"train.max_prompt_length={max_prompt_length}; raise max_prompt_length or shorten "
-                "the system prompt (cpt never truncates the system turn)")
+                "the system prompt (cpt never truncates the system turn)"
+            )
         cuts = _token_cuts(tokenizer, task)
         task = cuts[_longest_fitting(cuts, prompt_fits)]
         prompt_truncated = True
@@ -329,31 +385,46 @@ def fit_example(prompt: Sequence[dict[str, str]], chosen: Sequence[dict[str, str
 
     chosen_out, chosen_cut = fit_response(chosen)
     rejected_out, rejected_cut = fit_response(rejected)
-    info = {"prompt_tokens": _n_tokens(tokenizer, final_prompt, True),
-            "prompt_truncated": prompt_truncated, "chosen_truncated": chosen_cut,
-            "rejected_truncated": rejected_cut}
+    info = {
+        "prompt_tokens": _n_tokens(tokenizer, final_prompt, True),
+        "prompt_truncated": prompt_truncated,
+        "chosen_truncated": chosen_cut,
+        "rejected_truncated": rejected_cut,
+    }
     return final_prompt, chosen_out, rejected_out, info
 
 
-def prepare_rows(rows: pa.Table, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig,
-                 system_role: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def prepare_rows(
+    rows: pa.Table, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, system_role: bool = True
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Preference rows -> TRL rows (prompt, chosen, rejected) fitted by `fit_example`, + stats.
 
     Rows that cannot fit (system turn too long) are dropped, logged and counted in the stats.
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in rows.column_names]
     if missing:
-        raise ValueError(f"preference rows lack column(s) {missing} (have {rows.column_names}); "
-                         "expected TRL conversational rows: id, prompt, chosen, rejected")
+        raise ValueError(
+            f"preference rows lack column(s) {missing} (have {rows.column_names}); "
+            "expected TRL conversational rows: id, prompt, chosen, rejected"
+        )
     out, dropped = [], []
-    stats = {"rows": rows.num_rows, "prompts_truncated": 0, "responses_truncated": 0,
-             "max_prompt_tokens": 0}
+    stats = {
+        "rows": rows.num_rows,
+        "prompts_truncated": 0,
+        "responses_truncated": 0,
+        "max_prompt_tokens": 0,
+    }
     for row in rows.select(list(REQUIRED_COLUMNS)).to_pylist():
         try:
             prompt, chosen, rejected, info = fit_example(
-                row["prompt"], row["chosen"], row["rejected"], tokenizer,
-                max_prompt_length=cfg.max_prompt_length, max_length=cfg.max_length,
-                system_role=system_role)
+                row["prompt"],
+                row["chosen"],
+                row["rejected"],
+                tokenizer,
+                max_prompt_length=cfg.max_prompt_length,
+                max_length=cfg.max_length,
+                system_role=system_role,
+            )
         except UnfittableRow as exc:
             dropped.append(row["id"])
             log.warning("train: dropping row %s: %s", row["id"], exc)
@@ -367,8 +438,10 @@ def prepare_rows(rows: pa.Table, tokenizer: PreTrainedTokenizerBase, cfg: TrainC
     stats["dropped"] = len(dropped)
     stats["dropped_ids"] = dropped[:20]
     if not out:
-        raise ValueError(f"no preference row fits train.max_prompt_length={cfg.max_prompt_length} "
-                         f"({len(dropped)} dropped); raise it")
+        raise ValueError(
+            f"no preference row fits train.max_prompt_length={cfg.max_prompt_length} "
+            f"({len(dropped)} dropped); raise it"
+        )
     return out, stats
 
 
@@ -404,18 +477,27 @@ def distributed_env_from_slurm() -> dict[str, str]:
         from submitit.helpers import TorchDistributedEnvironment
 
         env = TorchDistributedEnvironment()
-        values = {"RANK": env.rank, "LOCAL_RANK": env.local_rank, "WORLD_SIZE": env.world_size,
-                  "LOCAL_WORLD_SIZE": env.local_world_size, "MASTER_ADDR": env.master_addr,
-                  "MASTER_PORT": env.master_port}
+        values = {
+            "RANK": env.rank,
+            "LOCAL_RANK": env.local_rank,
+            "WORLD_SIZE": env.world_size,
+            "LOCAL_WORLD_SIZE": env.local_world_size,
+            "MASTER_ADDR": env.master_addr,
+            "MASTER_PORT": env.master_port,
+        }
     else:
         from submitit.slurm.slurm import SlurmJobEnvironment
 
         job = SlurmJobEnvironment()
         port = os.environ.get("MASTER_PORT") or random.Random(job.job_id).randint(20000, 60000)
-        values = {"RANK": job.global_rank, "LOCAL_RANK": job.local_rank,
-                  "WORLD_SIZE": job.num_tasks,
-                  "LOCAL_WORLD_SIZE": max(1, job.num_tasks // max(1, job.num_nodes)),
-                  "MASTER_ADDR": job.hostnames[0], "MASTER_PORT": port}
+        values = {
+            "RANK": job.global_rank,
+            "LOCAL_RANK": job.local_rank,
+            "WORLD_SIZE": job.num_tasks,
+            "LOCAL_WORLD_SIZE": max(1, job.num_tasks // max(1, job.num_nodes)),
+            "MASTER_ADDR": job.hostnames[0],
+            "MASTER_PORT": port,
+        }
     values = {k: str(v) for k, v in values.items()}
     os.environ.update(values)
     return values
@@ -430,8 +512,15 @@ def _free_port() -> int:
 def _ensure_single_process_env() -> None:
     # DeepSpeed always initialises torch.distributed (env://), even for one process.
     if "RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+        os.environ.update(
+            {
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(_free_port()),
+            }
+        )
 
 
 # ------------------------------------------------------------------ checkpoints and files
@@ -441,9 +530,11 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     """Newest complete `checkpoint-N` (one with trainer_state.json, which HF writes last)."""
     if not checkpoints_dir.is_dir():
         return None
-    done = [p for p in checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*")
-            if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
-            and (p / "trainer_state.json").is_file()]
+    done = [
+        p
+        for p in checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*")
+        if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit() and (p / "trainer_state.json").is_file()
+    ]
     return max(done, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
 
 
@@ -473,8 +564,14 @@ def _replace_dir(tmp: Path, dest: Path) -> None:
 
 def _metrics_table(log_history: list[dict[str, Any]]) -> pa.Table:
     rows = [h for h in log_history if "loss" in h and "step" in h]
-    extra = sorted({k for h in rows for k, v in h.items()
-                    if k not in METRIC_COLUMNS and isinstance(v, int | float)})
+    extra = sorted(
+        {
+            k
+            for h in rows
+            for k, v in h.items()
+            if k not in METRIC_COLUMNS and isinstance(v, int | float)
+        }
+    )
     fields = [pa.field("step", pa.int64())]
     fields += [pa.field(c, pa.float64()) for c in (*METRIC_COLUMNS[1:], *extra)]
     data = {f.name: [h.get(f.name) for h in rows] for f in fields}
@@ -495,8 +592,10 @@ def _deepspeed_file(deepspeed: DeepSpeedConfig | None) -> Path | None:
         return None
     path = resolve_path(deepspeed.config_file) if deepspeed.config_file else None
     if path is None or not path.is_file():
-        raise ConfigError(f"deepspeed.config_file: {deepspeed.config_file!r} not found for "
-                          f"deepspeed={deepspeed.name} (e.g. conf/deepspeed/zero2.json)")
+        raise ConfigError(
+            f"deepspeed.config_file: {deepspeed.config_file!r} not found for "
+            f"deepspeed={deepspeed.name} (e.g. conf/deepspeed/zero2.json)"
+        )
     return path
 
 
@@ -506,34 +605,47 @@ def _zero_stage(ds_file: Path | None) -> int:
     return int(json.loads(ds_file.read_text()).get("zero_optimization", {}).get("stage", 0))
 
 
-def _load_model(student: ModelConfig, cfg: TrainConfig, model_path: str, use_cpu: bool,
-                zero_stage: int):
+def _load_model(
+    student: ModelConfig, cfg: TrainConfig, model_path: str, use_cpu: bool, zero_stage: int
+):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = getattr(student.dtype, "value", student.dtype)
-    kwargs: dict[str, Any] = {"revision": student.revision,
-                              "trust_remote_code": student.trust_remote_code,
-                              "dtype": "auto" if dtype == DType.auto.value else getattr(torch, dtype)}
+    kwargs: dict[str, Any] = {
+        "revision": student.revision,
+        "trust_remote_code": student.trust_remote_code,
+        "dtype": "auto" if dtype == DType.auto.value else getattr(torch, dtype),
+    }
     if cfg.quantization != "none":
         compute = torch.float32 if use_cpu else torch.bfloat16
         if cfg.quantization == "4bit":
             quant = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=compute,
                 # ZeRO-3 shards parameters by dtype; packed 4-bit weights must share the float one
-                bnb_4bit_quant_storage=compute if zero_stage == 3 else torch.uint8)
+                bnb_4bit_quant_storage=compute if zero_stage == 3 else torch.uint8,
+            )
         else:
             quant = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["quantization_config"] = quant
         if zero_stage == 0:  # bitsandbytes places weights at load time; DeepSpeed does it itself
             kwargs["device_map"] = {"": "cpu" if use_cpu else int(os.environ.get("LOCAL_RANK", 0))}
+    if zero_stage == 3:
+        import deepspeed
+
+        # zero.Init (inside from_pretrained) sizes its batch from DeepSpeed's own communicator,
+        # which accelerate leaves uninitialised on CPU: world size 1 -> batch-size assertion.
+        deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if cfg.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing
+        )
     return model
 
 
@@ -592,26 +704,42 @@ class _StepTimer:
         return (self.t1 - self.t0) if self.t0 is not None and self.t1 is not None else 0.0
 
 
-def _run_key(cfg: TrainConfig, student: ModelConfig, fingerprint: str, eval_fp: str | None,
-             ds_name: str) -> str:
-    model = {"path": student.path, "revision": student.revision,
-             "dtype": getattr(student.dtype, "value", student.dtype),
-             "system_role": student.system_role}
-    return content_hash({"train": cfg, "model": model, "rows": fingerprint, "eval": eval_fp,
-                         "deepspeed": ds_name}, 16)
+def _run_key(
+    cfg: TrainConfig, student: ModelConfig, fingerprint: str, eval_fp: str | None, ds_name: str
+) -> str:
+    model = {
+        "path": student.path,
+        "revision": student.revision,
+        "dtype": getattr(student.dtype, "value", student.dtype),
+        "system_role": student.system_role,
+    }
+    return content_hash(
+        {"train": cfg, "model": model, "rows": fingerprint, "eval": eval_fp, "deepspeed": ds_name},
+        16,
+    )
 
 
 def _result_from_summary(out_dir: Path, summary: dict[str, Any]) -> TrainResult:
-    return TrainResult(adapter_dir=out_dir / "adapter", metrics_path=out_dir / "metrics.parquet",
-                       losses=list(summary["losses"]), steps=int(summary["steps"]),
-                       samples_per_s=float(summary["samples_per_s"]),
-                       resumed_from_step=summary.get("resumed_from_step"))
+    return TrainResult(
+        adapter_dir=out_dir / "adapter",
+        metrics_path=out_dir / "metrics.parquet",
+        losses=list(summary["losses"]),
+        steps=int(summary["steps"]),
+        samples_per_s=float(summary["samples_per_s"]),
+        resumed_from_step=summary.get("resumed_from_step"),
+    )
 
 
-def train_dpo(cfg: TrainConfig, student: ModelConfig, train_rows: pa.Table, out_dir: str | Path,
-              eval_rows: pa.Table | None = None, deepspeed: DeepSpeedConfig | None = None,
-              use_cpu: bool | None = None,
-              callbacks: Sequence[TrainerCallback] | None = None) -> TrainResult:
+def train_dpo(
+    cfg: TrainConfig,
+    student: ModelConfig,
+    train_rows: pa.Table,
+    out_dir: str | Path,
+    eval_rows: pa.Table | None = None,
+    deepspeed: DeepSpeedConfig | None = None,
+    use_cpu: bool | None = None,
+    callbacks: Sequence[TrainerCallback] | None = None,
+) -> TrainResult:
     """Train a LoRA adapter on `student` with DPO on `train_rows`; resumable; see the module doc.
 
     Args:
@@ -644,8 +772,9 @@ def train_dpo(cfg: TrainConfig, student: ModelConfig, train_rows: pa.Table, out_
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model_path = resolve_model_path(student.path)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=student.revision,
-                                              trust_remote_code=student.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path, revision=student.revision, trust_remote_code=student.trust_remote_code
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_data, train_stats = prepare_rows(train_rows, tokenizer, cfg, student.system_role)
@@ -653,9 +782,13 @@ def train_dpo(cfg: TrainConfig, student: ModelConfig, train_rows: pa.Table, out_
     if eval_rows is not None:
         eval_data, eval_stats = prepare_rows(eval_rows, tokenizer, cfg, student.system_role)
 
-    key = _run_key(cfg, student, _rows_fingerprint(train_rows),
-                   _rows_fingerprint(eval_rows) if eval_rows is not None else None,
-                   deepspeed.name if ds_file else "none")
+    key = _run_key(
+        cfg,
+        student,
+        _rows_fingerprint(train_rows),
+        _rows_fingerprint(eval_rows) if eval_rows is not None else None,
+        deepspeed.name if ds_file else "none",
+    )
     summary_path, key_path = out_dir / "train_summary.json", out_dir / "run_key.json"
     if summary_path.is_file() and (out_dir / "adapter").is_dir():
         summary = read_json(summary_path)
@@ -666,7 +799,8 @@ def train_dpo(cfg: TrainConfig, student: ModelConfig, train_rows: pa.Table, out_
         raise ConfigError(
             f"train: {out_dir} holds checkpoints of a different run (config, model or rows "
             f"changed: run key {read_json(key_path).get('run_key')} != {key}); use a new out_dir "
-            "or delete the old one")
+            "or delete the old one"
+        )
     ckpt_dir = out_dir / "checkpoints"
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
@@ -712,16 +846,28 @@ def train_dpo(cfg: TrainConfig, student: ModelConfig, train_rows: pa.Table, out_
     )
     # After DPOConfig: under ZeRO-3 from_pretrained then builds the model already sharded.
     model = _load_model(student, cfg, model_path, use_cpu, _zero_stage(ds_file))
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    quantized = ("4bit" if getattr(model, "is_loaded_in_4bit", False)
+                 else "8bit" if getattr(model, "is_loaded_in_8bit", False) else None)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     from datasets import Dataset
 
     timer = _StepTimer()
     trainer = DPOTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(train_data),
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_data),
         eval_dataset=Dataset.from_list(eval_data) if has_eval else None,
-        processing_class=tokenizer, peft_config=lora,
-        callbacks=[timer.callback(), *(callbacks or [])])
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[timer.callback(), *(callbacks or [])],
+    )
     resumed_from = int(resume.name.removeprefix(CHECKPOINT_PREFIX)) if resume else None
     if resume:
         log.info("train: resuming from %s", resume)
@@ -735,23 +881,40 @@ def train_dpo(cfg: TrainConfig, student: ModelConfig, train_rows: pa.Table, out_
     if trainer.is_world_process_zero():
         _write_parquet(out_dir / "metrics.parquet", _metrics_table(trainer.state.log_history))
         summary = {
-            "run_key": key, "train": dataclasses.asdict(cfg),
-            "student": {"name": student.name, "path": student.path, "revision": student.revision,
-                        "system_role": student.system_role},
-            "deepspeed": deepspeed.name if ds_file else "none", "world_size": world,
+            "run_key": key,
+            "train": dataclasses.asdict(cfg),
+            "student": {
+                "name": student.name,
+                "path": student.path,
+                "revision": student.revision,
+                "system_role": student.system_role,
+            },
+            "deepspeed": deepspeed.name if ds_file else "none",
+            "world_size": world,
             "device": "cpu" if use_cpu else torch.cuda.get_device_name(),
-            "data": train_stats, "eval_data": eval_stats, "eval": eval_metrics,
-            "steps": trainer.state.global_step, "losses": losses,
+            "base_quantized": quantized,
+            "data": train_stats,
+            "eval_data": eval_stats,
+            "eval": eval_metrics,
+            "steps": trainer.state.global_step,
+            "losses": losses,
             "final_loss": losses[-1] if losses else None,
-            "samples_per_s": samples_per_s, "steps_this_launch": timer.steps(),
-            "seconds_this_launch": timer.seconds(), "resumed_from_step": resumed_from,
+            "samples_per_s": samples_per_s,
+            "steps_this_launch": timer.steps(),
+            "seconds_this_launch": timer.seconds(),
+            "resumed_from_step": resumed_from,
             "versions": package_versions(),
         }
         atomic_write_json(summary_path, summary)
     trainer.accelerator.wait_for_everyone()
-    return TrainResult(adapter_dir=out_dir / "adapter", metrics_path=out_dir / "metrics.parquet",
-                       losses=losses, steps=trainer.state.global_step,
-                       samples_per_s=samples_per_s, resumed_from_step=resumed_from)
+    return TrainResult(
+        adapter_dir=out_dir / "adapter",
+        metrics_path=out_dir / "metrics.parquet",
+        losses=losses,
+        steps=trainer.state.global_step,
+        samples_per_s=samples_per_s,
+        resumed_from_step=resumed_from,
+    )
 
 
 # ------------------------------------------------------------------ command line
@@ -771,8 +934,11 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        kw: dict[str, Any] = {"dest": f.name, "default": None,
-                              "help": f"train.{f.name} (default: {default})"}
+        kw: dict[str, Any] = {
+            "dest": f.name,
+            "default": None,
+            "help": f"train.{f.name} (default: {default})",
+        }
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
@@ -784,46 +950,90 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cpt.train", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--rows", nargs="+", required=True,
-                        help="preference rows: Parquet file(s) or folder(s) of them")
+        prog="python -m cpt.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        required=True,
+        help="preference rows: Parquet file(s) or folder(s) of them",
+    )
     parser.add_argument("--eval-rows", nargs="+", default=None, help="held-out rows (optional)")
-    parser.add_argument("--student-path", required=True,
-                        help="HF id, local folder, or builtin:tiny / builtin:tiny_nosys")
+    parser.add_argument(
+        "--student-path",
+        required=True,
+        help="HF id, local folder, or builtin:tiny / builtin:tiny_nosys",
+    )
     parser.add_argument("--student-name", default=None, help="label (default: last path part)")
     parser.add_argument("--revision", default="main")
     parser.add_argument("--dtype", default="auto", choices=[d.value for d in DType])
-    parser.add_argument("--system-role", action=argparse.BooleanOptionalAction, default=True,
-                        help="--no-system-role folds the system prompt into the first user turn")
+    parser.add_argument(
+        "--system-role",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--no-system-role folds the system prompt into the first user turn",
+    )
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--out", required=True, help="train folder (re-use it to resume)")
-    parser.add_argument("--deepspeed", default="",
-                        help="DeepSpeed JSON, e.g. conf/deepspeed/zero2.json (empty: none)")
-    parser.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=None,
-                        help="force CPU / GPU (default: CPU when CUDA is absent)")
+    parser.add_argument(
+        "--deepspeed",
+        default="",
+        help="DeepSpeed JSON, e.g. conf/deepspeed/zero2.json (empty: none)",
+    )
+    parser.add_argument(
+        "--cpu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="force CPU / GPU (default: CPU when CUDA is absent)",
+    )
     _add_config_options(parser)
     ns = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     distributed_env_from_slurm()
-    overrides = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(ns, f.name) is not None}
+    overrides = {
+        f.name: getattr(ns, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(ns, f.name) is not None
+    }
     cfg = TrainConfig(**overrides)
     name = ns.student_name or ns.student_path.rstrip("/").split("/")[-1].split(":")[-1]
-    student = ModelConfig(name=name, path=ns.student_path, revision=ns.revision,
-                          dtype=DType(ns.dtype), system_role=ns.system_role,
-                          trust_remote_code=ns.trust_remote_code)
-    ds = (DeepSpeedConfig(name=Path(ns.deepspeed).stem, config_file=ns.deepspeed)
-          if ns.deepspeed else None)
-    result = train_dpo(cfg, student, read_rows(ns.rows), Path(ns.out),
-                       eval_rows=read_rows(ns.eval_rows) if ns.eval_rows else None,
-                       deepspeed=ds, use_cpu=ns.cpu)
+    student = ModelConfig(
+        name=name,
+        path=ns.student_path,
+        revision=ns.revision,
+        dtype=DType(ns.dtype),
+        system_role=ns.system_role,
+        trust_remote_code=ns.trust_remote_code,
+    )
+    ds = (
+        DeepSpeedConfig(name=Path(ns.deepspeed).stem, config_file=ns.deepspeed)
+        if ns.deepspeed
+        else None
+    )
+    result = train_dpo(
+        cfg,
+        student,
+        read_rows(ns.rows),
+        Path(ns.out),
+        eval_rows=read_rows(ns.eval_rows) if ns.eval_rows else None,
+        deepspeed=ds,
+        use_cpu=ns.cpu,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"adapter_dir": str(result.adapter_dir), "steps": result.steps,
-                          "final_loss": result.losses[-1] if result.losses else None,
-                          "samples_per_s": round(result.samples_per_s, 3),
-                          "resumed_from_step": result.resumed_from_step}))
+        print(
+            json.dumps(
+                {
+                    "adapter_dir": str(result.adapter_dir),
+                    "steps": result.steps,
+                    "final_loss": result.losses[-1] if result.losses else None,
+                    "samples_per_s": round(result.samples_per_s, 3),
+                    "resumed_from_step": result.resumed_from_step,
+                }
+            )
+        )
     return 0
 
 

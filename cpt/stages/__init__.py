@@ -1,7 +1,7 @@
 """One module per stage. `REGISTRY` lists them in pipeline order with what they need."""
 
 from cpt.pipeline import StageSpec
-from cpt.stages import adherence, generate, sysprompts, tasks
+from cpt.stages import adherence, generate, pairs, sysprompts, tasks
 
 REGISTRY: dict[str, StageSpec] = {
     spec.name: spec
@@ -16,6 +16,13 @@ REGISTRY: dict[str, StageSpec] = {
             adherence.run,
             adherence.plan,
             gpu=True,
+        ),
+        StageSpec(
+            "pairs",
+            ("tasks", "generate", "sysprompts", "adherence"),
+            pairs.params,
+            pairs.run,
+            pairs.plan,
         ),
     ]
 }

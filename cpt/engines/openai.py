@@ -1,0 +1,179 @@
+"""OpenAI-compatible server engine (a vLLM server job, or any chat-completions endpoint).
+
+Serving base + adapters with vLLM so that this engine can address them:
+
+    vllm serve <model path> --served-model-name <model.path> --enable-lora \\
+        --structured-outputs-config '{"backend": "xgrammar", "disable_any_whitespace": true}' \\
+        $(python -c "from cpt.engines.openai import lora_modules_arg; print(*lora_modules_arg([...]))")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from cpt.engines import adapter_name, request_seed
+from cpt.engines.base import Completion, Request, fold_system
+
+if TYPE_CHECKING:
+    from cpt.config import EngineConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = frozenset({408, 409, 429})  # plus every 5xx
+
+
+def lora_modules_arg(adapters: list[str]) -> list[str]:
+    """`vllm serve` arguments that serve each adapter folder under `adapter_name(path)`."""
+    if not adapters:
+        return []
+    return ["--lora-modules", *(f"{adapter_name(p)}={os.path.abspath(p)}" for p in adapters)]
+
+
+class OpenAIEngine:
+    """Chat completions against `model.base_url` with the `openai` client.
+
+    - Model name: `model.path` for base requests (start the server with
+      `--served-model-name <model.path>`), `adapter_name(request.adapter)` for LoRA requests
+      (vLLM's convention: an adapter is addressed as a model; see `lora_modules_arg`).
+    - JSON schema: `response_format={"type": "json_schema", ...}`, and, unless
+      `server_extras=False`, vLLM's `extra_body={"structured_outputs": {"json": schema}}`
+      (turn it off for servers that reject unknown fields). Compact JSON (no free whitespace)
+      is a vLLM *server* flag, see the module docstring; per request it is ignored.
+    - Up to `engine.max_concurrency` requests in flight (a thread pool).
+    - Connection errors, timeouts, 408/409/429 and 5xx are retried up to `engine.max_retries`
+      times with exponential backoff and jitter (`backoff_s * 2**attempt * U(0.5, 1.5)`,
+      at most `max_backoff_s`, at least the server's `Retry-After`). Then, or at once for
+      other errors, the request gets `Completion(finish_reason="error", error=<text>)`; one
+      bad request never fails the others, and the API key never appears in errors or logs.
+    - The key is read from the environment variable named by `engine.api_key_env`
+      (a missing variable sends "EMPTY", which local vLLM servers accept).
+    """
+
+    def __init__(self, model: ModelConfig, engine: EngineConfig, *, adapters: bool = False,
+                 backoff_s: float = 1.0, max_backoff_s: float = 60.0,
+                 server_extras: bool = True) -> None:
+        import openai
+
+        del adapters  # the server decides which adapters it serves
+        if not model.base_url:
+            raise ValueError(f"{model.name}.base_url: must be set for the openai engine "
+                             "(e.g. http://host:8000/v1)")
+        self.model_cfg = model
+        self.engine_cfg = engine
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.server_extras = server_extras
+        self._key = os.environ.get(engine.api_key_env, "")
+        self.client = openai.OpenAI(base_url=model.base_url, api_key=self._key or "EMPTY",
+                                    max_retries=0, timeout=engine.request_timeout_s)
+        self._rng = random.Random()
+        self._rng_lock = threading.Lock()
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        """Completions in the order of `requests`."""
+        if not requests:
+            return []
+        workers = min(self.engine_cfg.max_concurrency, len(requests))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cpt-openai") as pool:
+            return list(pool.map(self._one, requests))
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self.client.close()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _kwargs(self, req: Request) -> dict[str, Any]:
+        s = req.sampling
+        kwargs: dict[str, Any] = {
+            "model": adapter_name(req.adapter) if req.adapter else self.model_cfg.path,
+            "messages": fold_system(req.messages, self.model_cfg.system_role),
+            "max_tokens": s.max_new_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p if s.temperature > 0 else 1.0,
+            "seed": request_seed(req),
+        }
+        if req.json_schema:
+            kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "response", "schema": req.json_schema, "strict": True},
+            }
+            if self.server_extras:
+                kwargs["extra_body"] = {"structured_outputs": {"json": req.json_schema}}
+        return kwargs
+
+    def _one(self, req: Request) -> Completion:
+        try:
+            kwargs = self._kwargs(req)
+        except Exception as exc:
+            return self._error(req, exc, 0)
+        attempt = 0
+        while True:
+            try:
+                resp = self.client.chat.completions.create(**kwargs)
+                return _completion(req, resp)
+            except Exception as exc:
+                if attempt >= self.engine_cfg.max_retries or not _retryable(exc):
+                    return self._error(req, exc, attempt + 1)
+                delay = self._delay(attempt, exc)
+                log.warning("openai: request %s failed (%s), retry %d/%d in %.2fs", req.id,
+                            self._redact(f"{type(exc).__name__}: {exc}")[:200], attempt + 1,
+                            self.engine_cfg.max_retries, delay)
+                time.sleep(delay)
+                attempt += 1
+
+    def _delay(self, attempt: int, exc: Exception) -> float:
+        with self._rng_lock:
+            jitter = self._rng.uniform(0.5, 1.5)
+        delay = min(self.max_backoff_s, self.backoff_s * 2**attempt * jitter)
+        retry_after = _retry_after_s(exc)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.max_backoff_s))
+        return delay
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    def _error(self, req: Request, exc: Exception, attempts: int) -> Completion:
+        message = self._redact(f"{type(exc).__name__}: {exc}")[:2000]
+        log.error("openai: request %s failed after %d attempt(s): %s", req.id, attempts,
+                  message[:300])
+        return Completion(id=req.id, text="", prompt_tokens=0, completion_tokens=0,
+                          finish_reason="error", error=f"{message} (after {attempts} attempt(s))")
+
+
+def _completion(req: Request, resp: Any) -> Completion:
+    if not resp.choices:
+        return Completion(id=req.id, text="", prompt_tokens=0, completion_tokens=0,
+                          finish_reason="error", error="server returned no choices")
+    choice = resp.choices[0]
+    usage = resp.usage
+    return Completion(id=req.id, text=choice.message.content or "",
+                      prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+                      completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+                      finish_reason=choice.finish_reason or "stop")
+
+
+def _retryable(exc: Exception) -> bool:
+    import openai
+
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in RETRY_STATUS or exc.status_code >= 500
+    return False
+
+
+def _retry_after_s(exc: Exception) -> float | None:
+    response = getattr(exc, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None

