@@ -406,6 +406,42 @@ class PairsConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """Parameters:
+    samples (`int`, defaults to `2`): responses per (test task, condition, model); Best-of-N
+        curves go up to this N.
+    baseline (`bool`, defaults to `True`): also evaluate the base student (no adapter).
+    judge_max_attempts (`int`, defaults to `3`): judge calls per response before a counted failure.
+    shard_size (`int`, defaults to `32`): rows per shard (responses and judgements).
+    """
+
+    samples: int = 2
+    baseline: bool = True
+    judge_max_attempts: int = 3
+    shard_size: int = 32
+
+    def __post_init__(self) -> None:
+        check(self.samples >= 1, "evaluate.samples", f"must be >= 1, got {self.samples}")
+        check(self.judge_max_attempts >= 1, "evaluate.judge_max_attempts", "must be >= 1")
+        check(self.shard_size >= 1, "evaluate.shard_size", "must be >= 1")
+
+
+@dataclass
+class ReportConfig:
+    """Parameters:
+    n_boot (`int`, defaults to `1000`): bootstrap resamples (of tasks) for the 95 % CIs.
+    best_of_n (`list[int]`): the N of the Best-of-N curve (capped at evaluate.samples).
+    """
+
+    n_boot: int = 1000
+    best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+
+    def __post_init__(self) -> None:
+        check(self.n_boot >= 0, "report.n_boot", f"must be >= 0, got {self.n_boot}")
+        check(all(n >= 1 for n in self.best_of_n), "report.best_of_n", "every N must be >= 1")
+
+
+@dataclass
 class CptConfig:
     """The whole composed configuration of a cpt run."""
 
@@ -428,6 +464,8 @@ class CptConfig:
     sysprompts: SyspromptsConfig = field(default_factory=SyspromptsConfig)
     adherence: JudgingConfig = field(default_factory=JudgingConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def register_configs() -> None:

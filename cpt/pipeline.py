@@ -54,6 +54,7 @@ class StageSpec:
     per_student: bool = False
     gpu: bool = False
     version: int = 1
+    always_run: bool = False  # cheap views of other stages (report): one folder, re-rendered
 
 
 def stage_specs() -> dict[str, StageSpec]:
@@ -81,6 +82,8 @@ def stage_key(cfg: CptConfig, name: str) -> str:
 
 def stage_dir(cfg: CptConfig, name: str) -> Path:
     spec = stage_specs()[name]
+    if spec.always_run:
+        return Path(cfg.run_dir).absolute() / name
     label = cfg.student.name if spec.per_student else ""
     return store.Store(cfg.run_dir).stage_dir(name, stage_key(cfg, name), label)
 
@@ -94,9 +97,11 @@ def run_stage(cfg: CptConfig, name: str) -> Path:
     """Run one stage (its unfinished inputs first); a finished stage is a no-op."""
     spec = stage_specs()[name]
     out = stage_dir(cfg, name)
-    if store.is_done(out):
-        (log.info if cfg.stage is None or cfg.stage.value == name else log.debug)(
-            "stage %s: done already (%s), skipping", name, out)
+    explicit = cfg.stage is not None and cfg.stage.value == name
+    if store.is_done(out) and not spec.always_run:
+        (log.info if cfg.stage is None or explicit else log.debug)(
+            "stage %s: done already (%s), skipping", name, out
+        )
         return out
     inputs = {dep: run_stage(cfg, dep) for dep in spec.needs}
     with store.stage_lock(out):
@@ -157,6 +162,8 @@ def selected_stages(cfg: CptConfig) -> list[str]:
         return pipeline_order()
     wanted = {cfg.stage.value}
     specs = stage_specs()
+    if specs[cfg.stage.value].always_run:
+        return [cfg.stage.value]
     frontier = [cfg.stage.value]
     while frontier:
         for dep in specs[frontier.pop()].needs:

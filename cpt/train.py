@@ -631,7 +631,7 @@ def _load_model(
         else:
             quant = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["quantization_config"] = quant
-        if zero_stage == 0:  # bitsandbytes places weights at load time; DeepSpeed does it itself
+        if zero_stage != 3:  # bitsandbytes places weights at load time; ZeRO-3 shards them itself
             kwargs["device_map"] = {"": "cpu" if use_cpu else int(os.environ.get("LOCAL_RANK", 0))}
     if zero_stage == 3:
         import deepspeed
@@ -758,6 +758,7 @@ def train_dpo(
         ConfigError: a missing DeepSpeed file, or `out_dir` holding checkpoints of another run.
     """
     import torch
+    from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -846,8 +847,13 @@ def train_dpo(
     )
     # After DPOConfig: under ZeRO-3 from_pretrained then builds the model already sharded.
     model = _load_model(student, cfg, model_path, use_cpu, _zero_stage(ds_file))
-    quantized = ("4bit" if getattr(model, "is_loaded_in_4bit", False)
-                 else "8bit" if getattr(model, "is_loaded_in_8bit", False) else None)
+    quantized = (
+        "4bit"
+        if getattr(model, "is_loaded_in_4bit", False)
+        else "8bit"
+        if getattr(model, "is_loaded_in_8bit", False)
+        else None
+    )
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -856,8 +862,6 @@ def train_dpo(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    from datasets import Dataset
-
     timer = _StepTimer()
     trainer = DPOTrainer(
         model=model,

@@ -22,6 +22,7 @@ from cpt.train import (
     distributed_env_from_slurm,
     fit_example,
     latest_checkpoint,
+    main,
     prepare_rows,
     train_dpo,
 )
@@ -29,14 +30,36 @@ from cpt.train import (
 # Two system prompts that ask for opposite styles, and two styles of answer per task.
 S_ORNATE = "You write in a lavish, ornate, flowery style, full of gilded adjectives."
 S_PLAIN = "You write plainly: short, dry sentences and no decoration."
-TOPICS = ["lighthouse", "garden", "teapot", "bicycle", "river", "library", "violin", "harbor",
-          "orchard", "clock", "mountain", "lantern", "meadow", "bridge", "candle", "forest",
-          "window", "market"]
-ORNATE = ["Behold the resplendent {t}, gilded and luminous, a shimmering tapestry of wonder!",
-          "O radiant {t}, bejewelled and glorious, your splendour dazzles the amber heavens!",
-          "Lo, the magnificent {t} glitters, opulent and golden, a rapturous marvel!"]
-PLAIN = ["The {t} is fine. It works.", "A {t}. It is plain and it does its job.",
-         "The {t} is ok. Nothing more to say."]
+TOPICS = [
+    "lighthouse",
+    "garden",
+    "teapot",
+    "bicycle",
+    "river",
+    "library",
+    "violin",
+    "harbor",
+    "orchard",
+    "clock",
+    "mountain",
+    "lantern",
+    "meadow",
+    "bridge",
+    "candle",
+    "forest",
+    "window",
+    "market",
+]
+ORNATE = [
+    "Behold the resplendent {t}, gilded and luminous, a shimmering tapestry of wonder!",
+    "O radiant {t}, bejewelled and glorious, your splendour dazzles the amber heavens!",
+    "Lo, the magnificent {t} glitters, opulent and golden, a rapturous marvel!",
+]
+PLAIN = [
+    "The {t} is fine. It works.",
+    "A {t}. It is plain and it does its job.",
+    "The {t} is ok. Nothing more to say.",
+]
 
 
 def flip_rows(topics: list[str], prefix: str = "t") -> pa.Table:
@@ -45,17 +68,25 @@ def flip_rows(topics: list[str], prefix: str = "t") -> pa.Table:
     for i, topic in enumerate(topics):
         ornate = ORNATE[i % len(ORNATE)].format(t=topic)
         plain = PLAIN[(i // len(ORNATE)) % len(PLAIN)].format(t=topic)
-        for system, chosen, rejected, level in ((S_ORNATE, ornate, plain, "high"),
-                                                (S_PLAIN, plain, ornate, "low")):
-            rows.append({
-                "id": f"{prefix}{i}-{level}",
-                "prompt": [{"role": "system", "content": system},
-                           {"role": "user", "content": f"Describe a {topic}."}],
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-                "task_id": f"{prefix}{i}", "rubric": "ornate", "level_chosen": level,
-                "level_rejected": "low" if level == "high" else "high",
-            })
+        for system, chosen, rejected, level in (
+            (S_ORNATE, ornate, plain, "high"),
+            (S_PLAIN, plain, ornate, "low"),
+        ):
+            rows.append(
+                {
+                    "id": f"{prefix}{i}-{level}",
+                    "prompt": [
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": f"Describe a {topic}."},
+                    ],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                    "task_id": f"{prefix}{i}",
+                    "rubric": "ornate",
+                    "level_chosen": level,
+                    "level_rejected": "low" if level == "high" else "high",
+                }
+            )
     return pa.Table.from_pylist(rows)
 
 
@@ -81,16 +112,18 @@ def tiny() -> ModelConfig:
 
 def _completion_logp(model, tokenizer, prompt, response) -> float:
     """Sum of log-probs of the response tokens, tokenized as TRL does."""
-    p_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
-                                          tokenize=True, return_dict=True)["input_ids"]
-    ids = tokenizer.apply_chat_template(prompt + response, tokenize=True,
-                                        return_dict=True)["input_ids"]
-    assert ids[:len(p_ids)] == p_ids
+    p_ids = tokenizer.apply_chat_template(
+        prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    ids = tokenizer.apply_chat_template(prompt + response, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
+    assert ids[: len(p_ids)] == p_ids
     x = torch.tensor([ids])
     logp = torch.log_softmax(model(x).logits[0, :-1].float(), -1)
     target = x[0, 1:]
     per_token = logp.gather(-1, target[:, None])[:, 0]
-    return float(per_token[len(p_ids) - 1:].sum())
+    return float(per_token[len(p_ids) - 1 :].sum())
 
 
 @torch.no_grad()
@@ -126,8 +159,15 @@ def preference_scores(adapter_dir, rows: pa.Table) -> dict[str, float]:
 
 
 def learn_config(**kw) -> TrainConfig:
-    base = dict(max_steps=48, learning_rate=5e-3, per_device_batch_size=4, grad_accum=1,
-                warmup_ratio=0.0, save_steps=1000, seed=0)
+    base = dict(
+        max_steps=48,
+        learning_rate=5e-3,
+        per_device_batch_size=4,
+        grad_accum=1,
+        warmup_ratio=0.0,
+        save_steps=1000,
+        seed=0,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -176,8 +216,9 @@ def _assert_base_frozen(before: dict[str, torch.Tensor], adapter_dir) -> None:
     assert not (adapter_dir / "adapter_model.bin").exists()
     names = list(load_file(adapter_dir / "adapter_model.safetensors"))
     assert names and all("lora_" in n for n in names), names[:5]
-    lora_b = [v for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()
-              if "lora_B" in k]
+    lora_b = [
+        v for k, v in load_file(adapter_dir / "adapter_model.safetensors").items() if "lora_B" in k
+    ]
     assert any(float(v.abs().max()) > 0 for v in lora_b), "adapter did not train"
     after = model.get_base_model().state_dict()
     for name, value in before.items():
@@ -204,13 +245,20 @@ class _KillAfterSave:
 
 
 def test_resume_equals_uninterrupted(tiny, tmp_path):
-    cfg = learn_config(max_steps=8, save_steps=4, per_device_batch_size=1, grad_accum=2,
-                       warmup_ratio=0.25, lora_dropout=0.1)  # dropout: the RNG state must resume too
+    cfg = learn_config(
+        max_steps=8,
+        save_steps=4,
+        per_device_batch_size=1,
+        grad_accum=2,
+        warmup_ratio=0.25,
+        lora_dropout=0.1,
+    )  # dropout: the RNG state must resume too
     straight = train_dpo(cfg, tiny, TRAIN_ROWS, tmp_path / "a", use_cpu=True)
 
     with pytest.raises(KeyboardInterrupt):
-        train_dpo(cfg, tiny, TRAIN_ROWS, tmp_path / "b", use_cpu=True,
-                  callbacks=[_KillAfterSave(4)])
+        train_dpo(
+            cfg, tiny, TRAIN_ROWS, tmp_path / "b", use_cpu=True, callbacks=[_KillAfterSave(4)]
+        )
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "checkpoint-4"
     assert not (tmp_path / "b" / "adapter").exists()
     resumed = train_dpo(cfg, tiny, TRAIN_ROWS, tmp_path / "b", use_cpu=True)
@@ -237,8 +285,16 @@ def test_outputs_and_metrics(tiny, tmp_path):
     cfg = learn_config(max_steps=3, save_steps=2)
     result = train_dpo(cfg, tiny, TRAIN_ROWS, tmp_path, eval_rows=HELD_OUT_ROWS, use_cpu=True)
     metrics = pq.read_table(result.metrics_path)
-    for col in ("step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                "rewards/accuracies", "learning_rate", "epoch"):
+    for col in (
+        "step",
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "learning_rate",
+        "epoch",
+    ):
         assert col in metrics.column_names
     assert metrics.column("step").to_pylist() == [1, 2, 3]
     assert metrics.column("loss").to_pylist() == result.losses
@@ -249,8 +305,7 @@ def test_outputs_and_metrics(tiny, tmp_path):
     assert not list(tmp_path.glob(".adapter*")), "temporary adapter folder left behind"
     # changed config, same folder: refused instead of resuming someone else's checkpoints
     with pytest.raises(ConfigError, match="different run"):
-        train_dpo(learn_config(max_steps=4, save_steps=2), tiny, TRAIN_ROWS, tmp_path,
-                  use_cpu=True)
+        train_dpo(learn_config(max_steps=4, save_steps=2), tiny, TRAIN_ROWS, tmp_path, use_cpu=True)
 
 
 # --------------------------------------------------------------------------- truncation
@@ -263,12 +318,16 @@ def _tokenizer(variant: str = "tiny"):
 
 
 def _n(tok, messages, gen: bool) -> int:
-    return len(tok.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                       add_generation_prompt=gen)["input_ids"])
+    return len(
+        tok.apply_chat_template(
+            messages, tokenize=True, return_dict=True, add_generation_prompt=gen
+        )["input_ids"]
+    )
 
 
-LONG_TASK = "Describe, in exhaustive detail, " + " and ".join(
-    f"the {t} at dawn" for t in TOPICS * 8) + "."
+LONG_TASK = (
+    "Describe, in exhaustive detail, " + " and ".join(f"the {t} at dawn" for t in TOPICS * 8) + "."
+)
 LONG_ANSWER = " ".join(ORNATE * 40).format(t="teapot")
 
 
@@ -279,11 +338,26 @@ def test_system_prompt_survives_truncation(variant):
     prompt = [{"role": "system", "content": S_ORNATE}, {"role": "user", "content": LONG_TASK}]
     chosen = [{"role": "assistant", "content": LONG_ANSWER}]
     rejected = [{"role": "assistant", "content": "Fine."}]
-    assert _n(tok, fit_example(prompt, chosen, rejected, tok, max_prompt_length=10**6,
-                               max_length=10**6 + 1, system_role=system_role)[0], True) > 96
+    assert (
+        _n(
+            tok,
+            fit_example(
+                prompt,
+                chosen,
+                rejected,
+                tok,
+                max_prompt_length=10**6,
+                max_length=10**6 + 1,
+                system_role=system_role,
+            )[0],
+            True,
+        )
+        > 96
+    )
 
-    p, c, r, info = fit_example(prompt, chosen, rejected, tok, max_prompt_length=96,
-                                max_length=160, system_role=system_role)
+    p, c, r, info = fit_example(
+        prompt, chosen, rejected, tok, max_prompt_length=96, max_length=160, system_role=system_role
+    )
     rendered = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
     assert S_ORNATE in rendered, "system prompt was truncated"
     assert _n(tok, p, True) <= 96 and info["prompt_tokens"] <= 96
@@ -306,9 +380,14 @@ def test_trl_keep_start_would_drop_the_row():
     tok = _tokenizer()
     prompt = [{"role": "system", "content": S_ORNATE}, {"role": "user", "content": LONG_TASK}]
     assert _n(tok, prompt, True) > 160
-    p, _, _, _ = fit_example(prompt, [{"role": "assistant", "content": "Ok."}],
-                             [{"role": "assistant", "content": "No."}], tok,
-                             max_prompt_length=96, max_length=160)
+    p, _, _, _ = fit_example(
+        prompt,
+        [{"role": "assistant", "content": "Ok."}],
+        [{"role": "assistant", "content": "No."}],
+        tok,
+        max_prompt_length=96,
+        max_length=160,
+    )
     assert _n(tok, p, True) <= 96
 
 
@@ -329,8 +408,13 @@ def test_nosys_model_trains(tmp_path):
     student = ModelConfig(name="tiny_nosys", path="builtin:tiny_nosys", system_role=False)
     # the folded ornate system prompt alone takes 50 tokens, the plain one 34: with 52 only the
     # ornate rows' tasks are cut, and no row is dropped
-    result = train_dpo(learn_config(max_steps=2, max_prompt_length=52, max_length=80),
-                       student, TRAIN_ROWS, tmp_path, use_cpu=True)
+    result = train_dpo(
+        learn_config(max_steps=2, max_prompt_length=52, max_length=80),
+        student,
+        TRAIN_ROWS,
+        tmp_path,
+        use_cpu=True,
+    )
     assert result.losses[0] == pytest.approx(math.log(2), abs=1e-6)
     data = json.loads((tmp_path / "train_summary.json").read_text())["data"]
     assert data["prompts_truncated"] == TRAIN_ROWS.num_rows // 2 and data["dropped"] == 0
@@ -369,21 +453,51 @@ def test_qlora_on_cpu(tiny, tmp_path, quantization):
 # --------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize(("kw", "message"), [
-    ({"lora_r": 0}, "train.lora_r must be >= 1, got 0"),
-    ({"lora_dropout": 1.0}, "train.lora_dropout must be in [0, 1), got 1.0"),
-    ({"beta": 0}, "train.beta must be > 0, got 0"),
-    ({"max_steps": 0}, "train.max_steps must be -1 (use epochs) or >= 1, got 0"),
-    ({"warmup_ratio": 1.0}, "train.warmup_ratio must be in [0, 1), got 1.0"),
-    ({"quantization": "3bit"}, "train.quantization must be one of none, 4bit, 8bit; got '3bit'"),
-    ({"max_prompt_length": 256, "max_length": 256}, "train.max_length must be > train.max_prompt"),
-    ({"target_modules": ["q_proj", "lm_head"]}, "must not contain 'lm_head'"),
-    ({"save_steps": 0}, "train.save_steps must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"lora_r": 0}, "train.lora_r must be >= 1, got 0"),
+        ({"lora_dropout": 1.0}, "train.lora_dropout must be in [0, 1), got 1.0"),
+        ({"beta": 0}, "train.beta must be > 0, got 0"),
+        ({"max_steps": 0}, "train.max_steps must be -1 (use epochs) or >= 1, got 0"),
+        ({"warmup_ratio": 1.0}, "train.warmup_ratio must be in [0, 1), got 1.0"),
+        (
+            {"quantization": "3bit"},
+            "train.quantization must be one of none, 4bit, 8bit; got '3bit'",
+        ),
+        (
+            {"max_prompt_length": 256, "max_length": 256},
+            "train.max_length must be > train.max_prompt",
+        ),
+        ({"target_modules": ["q_proj", "lm_head"]}, "must not contain 'lm_head'"),
+        ({"save_steps": 0}, "train.save_steps must be >= 1, got 0"),
+    ],
+)
 def test_config_errors_name_the_field(kw, message):
     with pytest.raises(ConfigError) as err:
         TrainConfig(**kw)
     assert message in str(err.value)
+
+
+def test_cli_options_are_the_config_fields(tmp_path):
+    # every TrainConfig field is a CLI option, dashes or underscores; a bad value stops the
+    # launch before any model is loaded
+    with pytest.raises(ConfigError, match=r"train\.lora_r must be >= 1, got 0"):
+        main(
+            [
+                "--rows",
+                str(tmp_path),
+                "--student-path",
+                "builtin:tiny",
+                "--out",
+                str(tmp_path / "o"),
+                "--lora-r",
+                "0",
+                "--max_steps",
+                "3",
+            ]
+        )
+    assert not (tmp_path / "o").exists()
 
 
 def test_config_reports_every_problem_at_once():
@@ -397,12 +511,29 @@ def test_config_reports_every_problem_at_once():
 
 def test_defaults_follow_the_reference_recipe():
     cfg = TrainConfig()
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.beta, cfg.epochs) == (16, 16, 0.0, 0.1, 1.0)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.beta, cfg.epochs) == (
+        16,
+        16,
+        0.0,
+        0.1,
+        1.0,
+    )
     assert (cfg.max_length, cfg.max_prompt_length, cfg.per_device_batch_size, cfg.grad_accum) == (
-        2048, 256, 1, 4)
+        2048,
+        256,
+        1,
+        4,
+    )
     assert (cfg.warmup_ratio, cfg.learning_rate) == (0.1, 5e-5)
-    assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                       "up_proj", "down_proj"}
+    assert set(cfg.target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
 
 
 # --------------------------------------------------------------------------- distributed env
@@ -410,13 +541,23 @@ def test_defaults_follow_the_reference_recipe():
 
 def test_distributed_env_from_slurm(monkeypatch):
     keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    clean = {k: v for k, v in os.environ.items()
-             if k not in keys and not k.startswith(("SLURM_", "SUBMITIT_"))}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in keys and not k.startswith(("SLURM_", "SUBMITIT_"))
+    }
     monkeypatch.setattr(os, "environ", clean)  # what the function exports stays in this copy
     assert distributed_env_from_slurm() == {}  # no Slurm, no launcher: single process
-    os.environ.update({"SLURM_JOB_ID": "4242", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
-                       "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2",
-                       "SLURM_JOB_NODELIST": "gpu[07-08],cpu01"})
+    os.environ.update(
+        {
+            "SLURM_JOB_ID": "4242",
+            "SLURM_PROCID": "5",
+            "SLURM_LOCALID": "1",
+            "SLURM_NTASKS": "8",
+            "SLURM_JOB_NUM_NODES": "2",
+            "SLURM_JOB_NODELIST": "gpu[07-08],cpu01",
+        }
+    )
     env = distributed_env_from_slurm()
     assert env["RANK"] == "5" and env["LOCAL_RANK"] == "1" and env["WORLD_SIZE"] == "8"
     assert env["MASTER_ADDR"] == "gpu07" and env["LOCAL_WORLD_SIZE"] == "4"

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from cpt.models.tiny import tiny_model_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import TRAIN_ROWS  # noqa: E402  (the same controlled rows)
+from test_train import TRAIN_ROWS  # the same controlled rows
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -42,17 +42,47 @@ def _launch(rows: Path, out: Path, ds_config: str, world: int = 2) -> list[subpr
     port = str(_free_port())
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-               "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        cmd = [sys.executable, "-m", "cpt.train", "--rows", str(rows),
-               "--student-path", "builtin:tiny", "--out", str(out), "--deepspeed", ds_config,
-               "--max-steps", str(STEPS), "--save-steps", str(SAVE_STEPS), "--grad-accum", "2",
-               "--learning-rate", "5e-3", "--warmup-ratio", "0.0", "--cpu"]
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "cpt.train",
+            "--rows",
+            str(rows),
+            "--student-path",
+            "builtin:tiny",
+            "--out",
+            str(out),
+            "--deepspeed",
+            ds_config,
+            "--max-steps",
+            str(STEPS),
+            "--save-steps",
+            str(SAVE_STEPS),
+            "--grad-accum",
+            "2",
+            "--learning-rate",
+            "5e-3",
+            "--warmup-ratio",
+            "0.0",
+            "--cpu",
+        ]
         log = open(out.parent / f"{out.name}-rank{rank}.log", "ab")  # noqa: SIM115
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
     return procs
 
 
@@ -98,8 +128,9 @@ def _check_adapter(out: Path) -> dict[str, torch.Tensor]:
         assert "lora_A" in name or "lora_B" in name, name
         assert not any(w in name for w in ("module.", "_orig_mod", "ds_", "_fsdp")), name
     assert all(t.numel() > 0 for t in tensors.values()), "a ZeRO-3 shard was saved, not the whole"
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir("tiny")),
-                                      adapter)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir("tiny")), adapter
+    )
     loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert len(loaded) == len(tensors)
     summary = json.loads((out / "train_summary.json").read_text())
@@ -114,7 +145,9 @@ def test_zero2_two_processes(zero2_run):
     assert losses[0] == pytest.approx(0.6931471805599453, abs=1e-6)
     assert len(losses) == STEPS
     assert {p.name for p in (zero2_run / "checkpoints").glob("checkpoint-*")} == {
-        f"checkpoint-{STEPS - SAVE_STEPS}", f"checkpoint-{STEPS}"}
+        f"checkpoint-{STEPS - SAVE_STEPS}",
+        f"checkpoint-{STEPS}",
+    }
 
 
 def test_zero2_sigkill_and_relaunch_matches_uninterrupted(rows, zero2_run, tmp_path):
@@ -152,5 +185,7 @@ def test_zero3_two_processes_matches_zero2(rows, zero2_run, tmp_path):
     # up to ~3e-5 after 12 steps at lr 5e-3), so a looser tolerance than resume's 1e-5.
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=2e-4, msg=k)
-    losses = [json.loads((d / "train_summary.json").read_text())["losses"] for d in (zero2_run, out)]
+    losses = [
+        json.loads((d / "train_summary.json").read_text())["losses"] for d in (zero2_run, out)
+    ]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)

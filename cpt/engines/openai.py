@@ -55,23 +55,36 @@ class OpenAIEngine:
       (a missing variable sends "EMPTY", which local vLLM servers accept).
     """
 
-    def __init__(self, model: ModelConfig, engine: EngineConfig, *, adapters: bool = False,
-                 backoff_s: float = 1.0, max_backoff_s: float = 60.0,
-                 server_extras: bool = True) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        engine: EngineConfig,
+        *,
+        adapters: bool = False,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+        server_extras: bool = True,
+    ) -> None:
         import openai
 
         del adapters  # the server decides which adapters it serves
         if not model.base_url:
-            raise ValueError(f"{model.name}.base_url: must be set for the openai engine "
-                             "(e.g. http://host:8000/v1)")
+            raise ValueError(
+                f"{model.name}.base_url: must be set for the openai engine "
+                "(e.g. http://host:8000/v1)"
+            )
         self.model_cfg = model
         self.engine_cfg = engine
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.server_extras = server_extras
         self._key = os.environ.get(engine.api_key_env, "")
-        self.client = openai.OpenAI(base_url=model.base_url, api_key=self._key or "EMPTY",
-                                    max_retries=0, timeout=engine.request_timeout_s)
+        self.client = openai.OpenAI(
+            base_url=model.base_url,
+            api_key=self._key or "EMPTY",
+            max_retries=0,
+            timeout=engine.request_timeout_s,
+        )
         self._rng = random.Random()
         self._rng_lock = threading.Lock()
 
@@ -122,9 +135,14 @@ class OpenAIEngine:
                 if attempt >= self.engine_cfg.max_retries or not _retryable(exc):
                     return self._error(req, exc, attempt + 1)
                 delay = self._delay(attempt, exc)
-                log.warning("openai: request %s failed (%s), retry %d/%d in %.2fs", req.id,
-                            self._redact(f"{type(exc).__name__}: {exc}")[:200], attempt + 1,
-                            self.engine_cfg.max_retries, delay)
+                log.warning(
+                    "openai: request %s failed (%s), retry %d/%d in %.2fs",
+                    req.id,
+                    self._redact(f"{type(exc).__name__}: {exc}")[:200],
+                    attempt + 1,
+                    self.engine_cfg.max_retries,
+                    delay,
+                )
                 time.sleep(delay)
                 attempt += 1
 
@@ -142,22 +160,38 @@ class OpenAIEngine:
 
     def _error(self, req: Request, exc: Exception, attempts: int) -> Completion:
         message = self._redact(f"{type(exc).__name__}: {exc}")[:2000]
-        log.error("openai: request %s failed after %d attempt(s): %s", req.id, attempts,
-                  message[:300])
-        return Completion(id=req.id, text="", prompt_tokens=0, completion_tokens=0,
-                          finish_reason="error", error=f"{message} (after {attempts} attempt(s))")
+        log.error(
+            "openai: request %s failed after %d attempt(s): %s", req.id, attempts, message[:300]
+        )
+        return Completion(
+            id=req.id,
+            text="",
+            prompt_tokens=0,
+            completion_tokens=0,
+            finish_reason="error",
+            error=f"{message} (after {attempts} attempt(s))",
+        )
 
 
 def _completion(req: Request, resp: Any) -> Completion:
     if not resp.choices:
-        return Completion(id=req.id, text="", prompt_tokens=0, completion_tokens=0,
-                          finish_reason="error", error="server returned no choices")
+        return Completion(
+            id=req.id,
+            text="",
+            prompt_tokens=0,
+            completion_tokens=0,
+            finish_reason="error",
+            error="server returned no choices",
+        )
     choice = resp.choices[0]
     usage = resp.usage
-    return Completion(id=req.id, text=choice.message.content or "",
-                      prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-                      completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-                      finish_reason=choice.finish_reason or "stop")
+    return Completion(
+        id=req.id,
+        text=choice.message.content or "",
+        prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+        completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+        finish_reason=choice.finish_reason or "stop",
+    )
 
 
 def _retryable(exc: Exception) -> bool:

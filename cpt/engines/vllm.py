@@ -54,8 +54,15 @@ class VLLMEngine:
         llm_kwargs: passed on to `vllm.LLM` (override anything above).
     """
 
-    def __init__(self, model: ModelConfig, engine: EngineConfig, *, adapters: bool = False,
-                 seed: int = 0, **llm_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        engine: EngineConfig,
+        *,
+        adapters: bool = False,
+        seed: int = 0,
+        **llm_kwargs: Any,
+    ) -> None:
         import torch
 
         cpu = not torch.cuda.is_available()
@@ -72,27 +79,38 @@ class VLLMEngine:
         trust = bool(model.trust_remote_code)
         dtype = getattr(model.dtype, "value", model.dtype)
         kwargs: dict[str, Any] = {
-            "model": self.path, "revision": None if local else model.revision,
-            "tokenizer_revision": None if local else model.revision, "dtype": dtype,
+            "model": self.path,
+            "revision": None if local else model.revision,
+            "tokenizer_revision": None if local else model.revision,
+            "dtype": dtype,
             "tensor_parallel_size": model.tensor_parallel_size,
             "max_model_len": model.max_model_len,
             "gpu_memory_utilization": engine.gpu_memory_utilization,
-            "trust_remote_code": trust, "seed": seed, "enforce_eager": cpu,
+            "trust_remote_code": trust,
+            "seed": seed,
+            "enforce_eager": cpu,
             # compact JSON; vLLM's xgrammar backend reads this flag only from the engine
             # config (StructuredOutputsParams.disable_any_whitespace is ignored per request)
             "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
         }
         if adapters:
-            kwargs.update(enable_lora=True, max_loras=engine.max_loras,
-                          max_lora_rank=engine.max_lora_rank)
+            kwargs.update(
+                enable_lora=True, max_loras=engine.max_loras, max_lora_rank=engine.max_lora_rank
+            )
         kwargs.update(llm_kwargs)
         self.lora_enabled = bool(kwargs.get("enable_lora", False))
         t0 = time.perf_counter()
         self.llm: Any = LLM(**kwargs)
-        log.info("vllm: %s ready in %.1fs (lora=%s, cpu=%s)", model.name,
-                 time.perf_counter() - t0, self.lora_enabled, cpu)
+        log.info(
+            "vllm: %s ready in %.1fs (lora=%s, cpu=%s)",
+            model.name,
+            time.perf_counter() - t0,
+            self.lora_enabled,
+            cpu,
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(
-            self.path, revision=None if local else model.revision, trust_remote_code=trust)
+            self.path, revision=None if local else model.revision, trust_remote_code=trust
+        )
         self._lora_ids: dict[str, int] = {}
 
     def generate(self, requests: list[Request]) -> list[Completion]:
@@ -107,15 +125,24 @@ class VLLMEngine:
                 continue
             room = self.model_cfg.max_model_len - len(ids)
             if room <= 0:
-                done[i] = _error(req, f"prompt has {len(ids)} tokens, max_model_len is "
-                                      f"{self.model_cfg.max_model_len}", len(ids))
+                done[i] = _error(
+                    req,
+                    f"prompt has {len(ids)} tokens, max_model_len is "
+                    f"{self.model_cfg.max_model_len}",
+                    len(ids),
+                )
             elif req.adapter and not self.lora_enabled:
-                done[i] = _error(req, f"request names adapter {req.adapter} but this vLLM "
-                                      "engine was built without LoRA; build it with "
-                                      "build_engine(..., adapters=True)", len(ids))
+                done[i] = _error(
+                    req,
+                    f"request names adapter {req.adapter} but this vLLM "
+                    "engine was built without LoRA; build it with "
+                    "build_engine(..., adapters=True)",
+                    len(ids),
+                )
             else:
-                todo.append((i, {"prompt_token_ids": ids}, self._params(req, room),
-                             self._lora(req.adapter)))
+                todo.append(
+                    (i, {"prompt_token_ids": ids}, self._params(req, room), self._lora(req.adapter))
+                )
         if todo:
             done.update(self._run(todo, requests))
         return [done[i] for i in range(len(requests))]
@@ -135,17 +162,27 @@ class VLLMEngine:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _run(self, todo: list[tuple[int, dict[str, Any], Any, Any]],
-             requests: list[Request]) -> dict[int, Completion]:
+    def _run(
+        self, todo: list[tuple[int, dict[str, Any], Any, Any]], requests: list[Request]
+    ) -> dict[int, Completion]:
         try:
-            outs = self.llm.generate([t[1] for t in todo], [t[2] for t in todo],
-                                     lora_request=[t[3] for t in todo], use_tqdm=False)
+            outs = self.llm.generate(
+                [t[1] for t in todo],
+                [t[2] for t in todo],
+                lora_request=[t[3] for t in todo],
+                use_tqdm=False,
+            )
         except Exception as exc:
             if len(todo) == 1:
                 i = todo[0][0]
                 log.error("vllm: request %s failed: %s", requests[i].id, exc)
-                return {i: _error(requests[i], f"{type(exc).__name__}: {exc}",
-                                  len(todo[0][1]["prompt_token_ids"]))}
+                return {
+                    i: _error(
+                        requests[i],
+                        f"{type(exc).__name__}: {exc}",
+                        len(todo[0][1]["prompt_token_ids"]),
+                    )
+                }
             log.warning("vllm: batch of %d failed (%s); retrying one by one", len(todo), exc)
             result: dict[int, Completion] = {}
             for item in todo:
@@ -154,16 +191,20 @@ class VLLMEngine:
         result = {}
         for (i, _, _, _), out in zip(todo, outs):
             o = out.outputs[0]
-            result[i] = Completion(id=requests[i].id, text=o.text,
-                                   prompt_tokens=len(out.prompt_token_ids or []),
-                                   completion_tokens=len(o.token_ids),
-                                   finish_reason=o.finish_reason or "length")
+            result[i] = Completion(
+                id=requests[i].id,
+                text=o.text,
+                prompt_tokens=len(out.prompt_token_ids or []),
+                completion_tokens=len(o.token_ids),
+                finish_reason=o.finish_reason or "length",
+            )
         return result
 
     def _prompt_ids(self, req: Request) -> list[int]:
         messages = fold_system(req.messages, self.model_cfg.system_role)
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _params(self, req: Request, room: int) -> Any:
@@ -174,10 +215,13 @@ class VLLMEngine:
         structured = None
         if req.json_schema:
             structured = StructuredOutputsParams(json=schema_text(req.json_schema))
-        return SamplingParams(max_tokens=min(s.max_new_tokens, room),
-                              temperature=s.temperature,
-                              top_p=s.top_p if s.temperature > 0 else 1.0,
-                              seed=request_seed(req), structured_outputs=structured)
+        return SamplingParams(
+            max_tokens=min(s.max_new_tokens, room),
+            temperature=s.temperature,
+            top_p=s.top_p if s.temperature > 0 else 1.0,
+            seed=request_seed(req),
+            structured_outputs=structured,
+        )
 
     def _lora(self, adapter: str | None) -> Any:
         if adapter is None:
@@ -191,5 +235,11 @@ class VLLMEngine:
 
 
 def _error(req: Request, message: str, prompt_tokens: int = 0) -> Completion:
-    return Completion(id=req.id, text="", prompt_tokens=prompt_tokens, completion_tokens=0,
-                      finish_reason="error", error=message)
+    return Completion(
+        id=req.id,
+        text="",
+        prompt_tokens=prompt_tokens,
+        completion_tokens=0,
+        finish_reason="error",
+        error=message,
+    )

@@ -1,7 +1,7 @@
 """One module per stage. `REGISTRY` lists them in pipeline order with what they need."""
 
 from cpt.pipeline import StageSpec
-from cpt.stages import adherence, generate, pairs, sysprompts, tasks
+from cpt.stages import adherence, evaluate, generate, pairs, report, sysprompts, tasks, train
 
 REGISTRY: dict[str, StageSpec] = {
     spec.name: spec
@@ -24,5 +24,18 @@ REGISTRY: dict[str, StageSpec] = {
             pairs.run,
             pairs.plan,
         ),
+        StageSpec(
+            "train", ("pairs",), train.params, train.run, train.plan, per_student=True, gpu=True
+        ),
+        StageSpec(
+            "evaluate",
+            ("tasks", "sysprompts", "train"),
+            evaluate.params,
+            evaluate.run,
+            evaluate.plan,
+            per_student=True,
+            gpu=True,
+        ),
+        StageSpec("report", ("evaluate",), report.params, report.run, report.plan, always_run=True),
     ]
 }

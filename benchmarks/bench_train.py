@@ -1,0 +1,228 @@
+"""bench_train: `cpt.train.train_dpo` vs a plain TRL DPO script, same rows, model and recipe.
+
+What cpt adds around TRL (fitting rows to the token limits without cutting the system prompt,
+run keys, metrics.parquet, the atomic adapter, the summary) must not slow training down: the
+target is >= 0.95x the plain script's training throughput (preference rows per second over the
+optimizer steps). Both paths save checkpoints on the same schedule; both first run a warm-up
+(imports, kernels, tokenizer caches), then the measured runs alternate so drift hits both alike,
+and the median is reported. End-to-end seconds (model load to adapter on disk) are shown too.
+
+    python benchmarks/bench_train.py            # 40 steps x 3 repeats
+    python benchmarks/bench_train.py --quick    # 12 steps x 2 repeats (about a minute on CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from cpt.config import ModelConfig
+from cpt.models.tiny import tiny_model_dir
+from cpt.train import TrainConfig, train_dpo
+
+SYSTEMS = (
+    "You write in a lavish, ornate, flowery style, full of gilded adjectives.",
+    "You write plainly: short, dry sentences and no decoration.",
+)
+ORNATE = (
+    "Behold the resplendent {t}, gilded and luminous, a shimmering tapestry of wonder, "
+    "where every beam of amber light dances upon bejewelled surfaces and the air itself "
+    "seems to sing of opulence, rapture and magnificent, glittering splendour."
+)
+PLAIN = "The {t} is fine. It works. It does what a {t} does, and there is not much more to say."
+
+
+def bench_rows(n_tasks: int) -> pa.Table:
+    rows = []
+    for i in range(n_tasks):
+        topic = f"object number {i}"
+        a, b = ORNATE.format(t=topic), PLAIN.format(t=topic)
+        for k, (system, chosen, rejected) in enumerate(((SYSTEMS[0], a, b), (SYSTEMS[1], b, a))):
+            rows.append(
+                {
+                    "id": f"b{i}-{k}",
+                    "prompt": [
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": f"Describe the {topic}."},
+                    ],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
+    return pa.Table.from_pylist(rows)
+
+
+@dataclass
+class Run:
+    samples_per_s: float
+    end_to_end_s: float
+    losses: list[float]
+
+
+def _timer():
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        """Rows/s over the optimizer steps: identical for both paths."""
+
+        def __init__(self) -> None:
+            self.t0 = self.t1 = 0.0
+            self.s0 = self.s1 = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0, self.s0 = time.perf_counter(), state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.t1, self.s1 = time.perf_counter(), state.global_step
+
+        def rate(self, rows_per_step: int) -> float:
+            return (self.s1 - self.s0) * rows_per_step / (self.t1 - self.t0)
+
+    return Timer()
+
+
+def run_cpt(cfg: TrainConfig, rows: pa.Table, out: Path) -> Run:
+    timer = _timer()
+    t = time.perf_counter()
+    result = train_dpo(
+        cfg,
+        ModelConfig(name="tiny", path="builtin:tiny"),
+        rows,
+        out,
+        use_cpu=not torch.cuda.is_available(),
+        callbacks=[timer],
+    )
+    return Run(
+        timer.rate(cfg.per_device_batch_size * cfg.grad_accum),
+        time.perf_counter() - t,
+        result.losses,
+    )
+
+
+def run_plain_trl(cfg: TrainConfig, rows: pa.Table, out: Path) -> Run:
+    """What a user would write with TRL alone: same recipe, same rows, no cpt code."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    timer = _timer()
+    t = time.perf_counter()
+    model_dir = tiny_model_dir("tiny")
+    use_cpu = not torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    args = DPOConfig(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_ratio,
+        beta=cfg.beta,
+        max_length=cfg.max_length,
+        optim=cfg.optim,
+        gradient_checkpointing=False,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        logging_steps=1,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=0,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=use_cpu,
+        bf16=not use_cpu,
+        fp16=False,
+    )
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    data = Dataset.from_list(rows.select(["prompt", "chosen", "rejected"]).to_pylist())
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[timer],
+    )
+    trainer.train()
+    trainer.save_model(str(out / "adapter"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "step" in h]
+    return Run(
+        timer.rate(cfg.per_device_batch_size * cfg.grad_accum), time.perf_counter() - t, losses
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="12 steps x 2 repeats")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=48, help="tasks (2 rows each)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: steadiest on a shared machine)",
+    )
+    ns = parser.parse_args(argv)
+    steps, repeats = (12, 2) if ns.quick else (ns.steps, ns.repeats)
+    torch.set_num_threads(ns.threads)
+    rows = bench_rows(ns.tasks)
+    cfg = TrainConfig(
+        max_steps=steps,
+        learning_rate=1e-3,
+        per_device_batch_size=2,
+        grad_accum=2,
+        save_steps=max(1, steps // 2),
+        warmup_ratio=0.1,
+    )
+    paths = {"trl_plain": run_plain_trl, "cpt.train_dpo": run_cpt}
+    results: dict[str, list[Run]] = {name: [] for name in paths}
+    with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
+        for name, fn in paths.items():  # warm-up: imports, allocator, tokenizer caches
+            fn(TrainConfig(**{**cfg.__dict__, "max_steps": 2}), rows, Path(tmp) / f"warm-{name}")
+        for rep in range(repeats):
+            order = list(paths.items()) if rep % 2 == 0 else list(paths.items())[::-1]
+            for name, fn in order:
+                out = Path(tmp) / f"{name}-{rep}"
+                results[name].append(fn(cfg, rows, out))
+                shutil.rmtree(out, ignore_errors=True)
+
+    same = all(
+        abs(a - b) <= 1e-4
+        for a, b in zip(results["trl_plain"][0].losses, results["cpt.train_dpo"][0].losses)
+    )
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(
+        f"device={device}  threads={ns.threads}  rows={rows.num_rows}  steps={steps}  "
+        f"batch={cfg.per_device_batch_size}x{cfg.grad_accum}  repeats={repeats}  "
+        f"model=builtin:tiny  same_losses={same}"
+    )
+    base = statistics.median(r.samples_per_s for r in results["trl_plain"])
+    print(f"{'path':<16}{'rows/s':>10}{'end-to-end s':>15}  {'vs trl_plain':>12}")
+    for name, runs in results.items():
+        rate = statistics.median(r.samples_per_s for r in runs)
+        wall = statistics.median(r.end_to_end_s for r in runs)
+        print(f"{name:<16}{rate:>10.2f}{wall:>15.2f}  {rate / base:>11.2f}x")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

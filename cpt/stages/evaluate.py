@@ -1,0 +1,154 @@
+"""evaluate: the base student and the CPT student (base + adapter) answer every test
+(task, condition) under s(R, level), N samples each; the judge scores every response
+against each of its rubrics (paper Table 3, Figure 1).
+Reads tasks/ (test split), sysprompts/, train/<student>/ (adapter); writes
+evaluate/<student>-<key>/responses/ (student generations) and shards of judgements:
+id, gen_id, student, model (base|cpt), task_id, rubric, level, part_rubric, part_level,
+sample_idx, response, score, critique, ok, error, attempts.
+Run alone: python jobs/launch.py stage=evaluate student=<name>
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cpt import store
+from cpt.config import CptConfig
+from cpt.generation import GenerateFactory, JudgeFactory, run_rows, work_row
+from cpt.pipeline import StageContext
+from cpt.prompts import (
+    conditions,
+    judge_messages,
+    judge_nonce,
+    load_selected_rubrics,
+    student_messages,
+)
+from cpt.stages.sysprompts import load_system_prompts, pick
+
+
+def params(cfg: CptConfig) -> dict[str, Any]:
+    return {
+        "student": cfg.student,
+        "judge": cfg.judge,
+        "engines": [cfg.student.engine or cfg.engine.kind, cfg.judge.engine or cfg.engine.kind],
+        "rubrics": [r.content_hash() for r in load_selected_rubrics(cfg)],
+        "templates": [
+            cfg.prompts.student,
+            cfg.prompts.judge_system,
+            cfg.prompts.judge,
+            cfg.prompts.judge_repair,
+        ],
+        "evaluate": cfg.evaluate,
+        "seed": cfg.seed,
+    }
+
+
+def response_grid(cfg: CptConfig, tasks: list[dict], sysprompts: dict, adapter: str) -> list[dict]:
+    models = {"cpt": adapter, **({"base": ""} if cfg.evaluate.baseline else {})}
+    rows = []
+    for task in (t for t in tasks if t["split"] == "test"):
+        for cond in conditions(cfg):
+            if cond.task_tags and task["genre"] and task["genre"] not in cond.task_tags:
+                continue
+            system = pick(
+                sysprompts[(cond.rubric, cond.level)], task["id"], cond.rubric, cond.level, cfg.seed
+            )
+            msgs = student_messages(cfg.prompts, system, task["text"])
+            for model, adapter_path in sorted(models.items()):
+                for s in range(cfg.evaluate.samples):
+                    rid = store.content_hash(
+                        ["eval", cfg.student.name, model, task["id"], cond.rubric, cond.level, s]
+                    )
+                    rows.append(
+                        work_row(
+                            rid,
+                            msgs,
+                            cfg.seed,
+                            adapter=adapter_path,
+                            student=cfg.student.name,
+                            model=model,
+                            task_id=task["id"],
+                            rubric=cond.rubric,
+                            level=cond.level,
+                            sample_idx=s,
+                        )
+                    )
+    return rows
+
+
+def judge_grid(cfg: CptConfig, tasks: dict[str, str], responses: list[dict]) -> list[dict]:
+    rubrics = {r.name: r for r in load_selected_rubrics(cfg)}
+    rows = []
+    for g in responses:
+        for part_rubric, part_level in zip(g["rubric"].split("+"), g["level"].split("|")):
+            rid = store.content_hash(["evaljudge", g["id"], part_rubric])
+            msgs = judge_messages(
+                cfg.prompts,
+                rubrics[part_rubric],
+                tasks[g["task_id"]],
+                g["text"],
+                judge_nonce(g["id"], part_rubric),
+            )
+            rows.append(
+                work_row(
+                    rid,
+                    msgs,
+                    cfg.seed,
+                    gen_id=g["id"],
+                    student=g["student"],
+                    model=g["model"],
+                    task_id=g["task_id"],
+                    rubric=g["rubric"],
+                    level=g["level"],
+                    part_rubric=part_rubric,
+                    part_level=part_level,
+                    sample_idx=g["sample_idx"],
+                    response=g["text"],
+                    generation_ok=g["ok"],
+                )
+            )
+    return rows
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg = ctx.cfg
+    tasks = store.read_table(ctx.inputs["tasks"]).to_pylist()
+    sysprompts, _ = load_system_prompts(cfg, ctx.inputs["sysprompts"])
+    adapter = str(ctx.inputs["train"] / "adapter")
+    responses_dir = ctx.out_dir / "responses"
+    gen_rows = response_grid(cfg, tasks, sysprompts, adapter)
+    gen_stats = run_rows(
+        gen_rows,
+        responses_dir,
+        cfg.evaluate.shard_size,
+        GenerateFactory(cfg.student, cfg.engine),
+        cfg.student,
+        cfg.engine,
+        cfg.parallel,
+        label=f"evaluate[{cfg.student.name}] generate",
+    )
+    responses = store.read_shards(responses_dir, gen_stats.n_shards).to_pylist()
+    judge_rows = judge_grid(cfg, {t["id"]: t["text"] for t in tasks}, responses)
+    factory = JudgeFactory(
+        cfg.judge, cfg.engine, cfg.prompts.judge_repair, cfg.evaluate.judge_max_attempts
+    )
+    stats = run_rows(
+        judge_rows,
+        ctx.out_dir,
+        cfg.evaluate.shard_size,
+        factory,
+        cfg.judge,
+        cfg.engine,
+        cfg.parallel,
+        label=f"evaluate[{cfg.student.name}] judge",
+    )
+    return {
+        **stats.as_dict(),
+        "judge_failures": stats.failures,
+        "responses": gen_stats.as_dict(),
+        "adapter": adapter,
+    }
+
+
+def plan(cfg: CptConfig) -> dict[str, Any]:
+    return {"samples": cfg.evaluate.samples, "student": cfg.student.name}

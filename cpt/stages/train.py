@@ -1,0 +1,65 @@
+"""train: LoRA DPO of one student on the train split of pairs/ (TRL + PEFT, optional
+bitsandbytes QLoRA and DeepSpeed ZeRO); the reference is the adapter-disabled base.
+Reads pairs/; writes train/<student>-<key>/: adapter/ (PEFT, safetensors, + tokenizer),
+checkpoints/ (every train.save_steps; a re-launch resumes from the last), metrics.parquet,
+train_summary.json.
+Run alone: python jobs/launch.py stage=train student=<name>
+Sweep:     python jobs/launch.py -m stage=train student=a,b   (data stages run once)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.compute as pc
+
+from cpt import store
+from cpt.config import CptConfig, resolve_path
+from cpt.pipeline import StageContext
+
+
+def params(cfg: CptConfig) -> dict[str, Any]:
+    ds = cfg.deepspeed
+    ds_file = resolve_path(ds.config_file) if ds.name != "none" else None
+    return {
+        "student": cfg.student,
+        "train": cfg.train,
+        "deepspeed": ds.name,
+        "deepspeed_file": store.file_sha256(ds_file) if ds_file and ds_file.is_file() else "",
+    }
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from cpt.train import train_dpo
+
+    cfg = ctx.cfg
+    pairs = store.read_table(ctx.inputs["pairs"])
+    train_rows = pairs.filter(pc.equal(pairs["split"], "train"))
+    eval_rows = pairs.filter(pc.equal(pairs["split"], "test"))
+    if train_rows.num_rows == 0:
+        raise store.StoreError(
+            f"{ctx.inputs['pairs']}: no training pairs (check generate/ "
+            "outputs and the adherence filter)"
+        )
+    result = train_dpo(
+        cfg.train,
+        cfg.student,
+        train_rows,
+        ctx.out_dir,
+        eval_rows=eval_rows if eval_rows.num_rows else None,
+        deepspeed=cfg.deepspeed,
+    )
+    return {
+        "rows": train_rows.num_rows,
+        "n_shards": 0,
+        "steps": result.steps,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "first_loss": result.losses[0] if result.losses else None,
+        "samples_per_s": result.samples_per_s,
+        "resumed_from_step": result.resumed_from_step,
+        "adapter_dir": str(result.adapter_dir),
+    }
+
+
+def plan(cfg: CptConfig) -> dict[str, Any]:
+    return {"student": cfg.student.name, "deepspeed": cfg.deepspeed.name}
