@@ -413,17 +413,25 @@ class EvaluateConfig:
     baseline (`bool`, defaults to `True`): also evaluate the base student (no adapter).
     judge_max_attempts (`int`, defaults to `3`): judge calls per response before a counted failure.
     shard_size (`int`, defaults to `32`): rows per shard (responses and judgements).
+    agreement_fraction (`float`, defaults to `0.25`): share of judgements repeated with
+        another sampling seed; the report shows how often the judge agrees with itself.
     """
 
     samples: int = 2
     baseline: bool = True
     judge_max_attempts: int = 3
     shard_size: int = 32
+    agreement_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         check(self.samples >= 1, "evaluate.samples", f"must be >= 1, got {self.samples}")
         check(self.judge_max_attempts >= 1, "evaluate.judge_max_attempts", "must be >= 1")
         check(self.shard_size >= 1, "evaluate.shard_size", "must be >= 1")
+        check(
+            0 <= self.agreement_fraction <= 1,
+            "evaluate.agreement_fraction",
+            f"must be within 0-1, got {self.agreement_fraction}",
+        )
 
 
 @dataclass

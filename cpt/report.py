@@ -232,3 +232,42 @@ def plot_best_of_n(bon: pd.DataFrame, title: str, path: Path) -> None:
     ax.grid(alpha=0.3)
     _save(fig, path)
     plt.close(fig)
+
+
+def judge_agreement(
+    first: pd.DataFrame, second: pd.DataFrame, scale: metrics.LevelScale
+) -> dict[str, Any]:
+    """Agreement of the judge with itself on the same responses (two sampling seeds).
+
+    `first` has columns id, score, ok; `second` has first_id, score, ok. Pairs where either
+    judgement failed are counted, not compared.
+    """
+    merged = second.merge(first, left_on="first_id", right_on="id", suffixes=("_2", "_1"))
+    both = merged[merged["ok_1"].astype(bool) & merged["ok_2"].astype(bool)]
+    out: dict[str, Any] = {
+        "pairs": len(merged),
+        "compared": len(both),
+        "failed_pairs": int(len(merged) - len(both)),
+    }
+    if len(both) == 0:
+        return {
+            **out,
+            "level_agreement": float("nan"),
+            "cohen_kappa": float("nan"),
+            "mean_abs_diff": float("nan"),
+            "spearman": float("nan"),
+        }
+    a = metrics.bin_scores(both["score_1"].to_numpy(float), scale)
+    b = metrics.bin_scores(both["score_2"].to_numpy(float), scale)
+    observed = float((a == b).mean())
+    expected = sum(float((a == lv).mean()) * float((b == lv).mean()) for lv in scale.names)
+    kappa = (observed - expected) / (1 - expected) if expected < 1 else float("nan")
+    return {
+        **out,
+        "level_agreement": observed,
+        "cohen_kappa": kappa,
+        "mean_abs_diff": float((both["score_1"] - both["score_2"]).abs().mean()),
+        "spearman": metrics.spearman_rho(
+            both["score_1"].to_numpy(float), both["score_2"].to_numpy(float)
+        ),
+    }

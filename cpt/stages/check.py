@@ -28,8 +28,10 @@ def template_problems(cfg: CptConfig) -> list[str]:
     for name, allowed in TEMPLATE_FIELDS.items():
         used = set(re.findall(r"\{\{(\w+)\}\}", getattr(cfg.prompts, name)))
         if used - allowed:
-            problems.append(f"prompts.{name}: unknown placeholders {sorted(used - allowed)} "
-                            f"(allowed: {sorted(allowed)})")
+            problems.append(
+                f"prompts.{name}: unknown placeholders {sorted(used - allowed)} "
+                f"(allowed: {sorted(allowed)})"
+            )
         if name == "judge" and not {"response", "nonce"} <= used:
             problems.append("prompts.judge: must place {{response}} between {{nonce}} delimiters")
     return problems
@@ -38,8 +40,11 @@ def template_problems(cfg: CptConfig) -> list[str]:
 def collect_problems(cfg: CptConfig, config_problems: list[str]) -> list[str]:
     problems = list(config_problems)
     problems += validate_paths(resolve_path(cfg.rubrics.path))
-    files = [SHIPPED_PATH if s.kind == "shipped" and not s.path else resolve_path(s.path)
-             for s in cfg.tasks.sources if s.kind in ("shipped", "jsonl", "csv", "parquet")]
+    files = [
+        SHIPPED_PATH if s.kind == "shipped" and not s.path else resolve_path(s.path)
+        for s in cfg.tasks.sources
+        if s.kind in ("shipped", "jsonl", "csv", "parquet")
+    ]
     problems += validate_task_files(files, genres=GENRES)
     problems += template_problems(cfg)
     if not problems:

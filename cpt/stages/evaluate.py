@@ -142,12 +142,43 @@ def run(ctx: StageContext) -> dict[str, Any]:
         cfg.parallel,
         label=f"evaluate[{cfg.student.name}] judge",
     )
+    agreement = agreement_rows(cfg, judge_rows)
+    agree_stats = run_rows(
+        agreement,
+        ctx.out_dir / "agreement",
+        cfg.evaluate.shard_size,
+        factory,
+        cfg.judge,
+        cfg.engine,
+        cfg.parallel,
+        label=f"evaluate[{cfg.student.name}] judge agreement",
+    )
     return {
         **stats.as_dict(),
         "judge_failures": stats.failures,
         "responses": gen_stats.as_dict(),
+        "agreement": agree_stats.as_dict(),
         "adapter": adapter,
     }
+
+
+def agreement_rows(cfg: CptConfig, judge_rows: list[dict]) -> list[dict]:
+    """A seeded share of the judgements again, with another sampling seed (same prompt)."""
+    frac = cfg.evaluate.agreement_fraction
+    chosen = [
+        r
+        for r in judge_rows
+        if int(store.content_hash(["agree", r["id"], cfg.seed], 8), 16) / 16**8 < frac
+    ]
+    return [
+        {
+            **r,
+            "id": store.content_hash(["agree", r["id"]]),
+            "first_id": r["id"],
+            "seed": (r["seed"] + 7919) & 0x7FFFFFFF,
+        }
+        for r in chosen
+    ]
 
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
