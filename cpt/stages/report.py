@@ -37,13 +37,18 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir).absolute()
     scale = scale_of(cfg)
     evals = finished(run_dir, "evaluate")
-    frames, paths, manifests = [], {}, {}
+    frames, paths, manifests, agreements = [], {}, {}, {}
     for d in evals:
         m = store.read_json(d / "manifest.json")
         student = m["config"]["student"]["name"]
         paths[student] = m["config"]["student"]["path"]
         manifests[student] = d
-        frames.append(report.judged_frame(store.read_table(d).to_pandas()))
+        judged = store.read_table(d).to_pandas()
+        frames.append(report.judged_frame(judged))
+        n_agree = m.get("agreement", {}).get("n_shards", 0)
+        if n_agree:
+            again = store.read_shards(d / "agreement", n_agree).to_pandas()
+            agreements[student] = report.judge_agreement(judged, again, scale)
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     plots = out / "plots"
     summaries: dict[str, Any] = {}
@@ -148,6 +153,12 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         "",
         *[f"- {s}: " + ", ".join(f"{m} {n}" for m, n in by.items()) for s, by in failures.items()],
         "",
+        "## Judge agreement (same responses judged twice, another sampling seed)",
+        "",
+        report.frame_markdown(pd.DataFrame([{"student": s, **a} for s, a in agreements.items()]))
+        if agreements
+        else "_No repeated judgements (evaluate.agreement_fraction=0)._",
+        "",
         *sections,
         "## Stage manifests",
         "",
@@ -170,7 +181,12 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         s: {m: {k: v for k, v in r.items()} for m, r in by.items()} for s, by in summaries.items()
     }
     store.atomic_write_json(out / "metrics.json", clean)
-    return {"students": sorted(summaries), "rows": len(df), "judge_failures": failures}
+    return {
+        "students": sorted(summaries),
+        "rows": len(df),
+        "agreement": agreements,
+        "judge_failures": failures,
+    }
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
