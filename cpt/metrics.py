@@ -399,7 +399,7 @@ def summarize(
     pred = _bin_indices(score, scale)
 
     point = (accuracy(target, pred), kendall_tau(target, score), spearman_rho(target, score))
-    if len(used):
+    if len(used) and n_boot > 0:  # n_boot=0: point estimates only, CIs reported as NaN
         boot = _bootstrap_rank_stats(used["task_id"], target, score, pred, n_boot, seed)
     else:
         boot = np.full((1, 3), np.nan)

@@ -23,8 +23,12 @@ def test_all_problems_in_one_pass(tmp_path):
     (rubrics / "broken.yaml").write_bytes(b"name: broken\ndescription: \xff\xfe\n")
     tasks = tmp_path / "t.jsonl"
     tasks.write_text('{"text": "ok task"}\n{"txt": "no text field"}\nnot json\n')
-    proc = launch("stage=check", f"rubrics.path={rubrics}", "tasks.sources=[{kind: jsonl, "
-                  f"path: {tasks}}}]", check=False)
+    proc = launch(
+        "stage=check",
+        f"rubrics.path={rubrics}",
+        f"tasks.sources=[{{kind: jsonl, path: {tasks}}}]",
+        check=False,
+    )
     out = proc.stdout
     assert proc.returncode == 1
     assert "humour.yaml: rubric 'humour': criteria weights sum to 90" in out
