@@ -7,8 +7,8 @@ optimizer steps). Both paths save checkpoints on the same schedule; both first r
 (imports, kernels, tokenizer caches), then the measured runs alternate so drift hits both alike,
 and the median is reported. End-to-end seconds (model load to adapter on disk) are shown too.
 
-    python benchmarks/bench_train.py            # 40 steps x 3 repeats
-    python benchmarks/bench_train.py --quick    # 12 steps x 2 repeats (about a minute on CPU)
+    python -m benchmarks.bench_train            # 96 rows, 40 steps x 3 repeats (~4 min on CPU)
+    python -m benchmarks.bench_train --quick    # 48 rows, 8 steps x 1 repeat (under a minute)
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import finish, md_table
 from cpt.config import ModelConfig
 from cpt.models.tiny import tiny_model_dir
 from cpt.train import TrainConfig, train_dpo
@@ -169,22 +172,12 @@ def run_plain_trl(cfg: TrainConfig, rows: pa.Table, out: Path) -> Run:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="12 steps x 2 repeats")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tasks", type=int, default=48, help="tasks (2 rows each)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (1: steadiest on a shared machine)",
-    )
-    ns = parser.parse_args(argv)
-    steps, repeats = (12, 2) if ns.quick else (ns.steps, ns.repeats)
-    torch.set_num_threads(ns.threads)
-    rows = bench_rows(ns.tasks)
+def main(quick: bool, steps: int = 40, repeats: int = 3, tasks: int = 48, threads: int = 1):
+    """Run both paths and return the result dict `benchmarks.finish` prints and stores."""
+    if quick:
+        steps, repeats, tasks = 8, 1, 24
+    torch.set_num_threads(threads)
+    rows = bench_rows(tasks)
     cfg = TrainConfig(
         max_steps=steps,
         learning_rate=1e-3,
@@ -205,24 +198,51 @@ def main(argv: list[str] | None = None) -> int:
                 results[name].append(fn(cfg, rows, out))
                 shutil.rmtree(out, ignore_errors=True)
 
-    same = all(
-        abs(a - b) <= 1e-4
-        for a, b in zip(results["trl_plain"][0].losses, results["cpt.train_dpo"][0].losses)
-    )
+    plain, ours = results["trl_plain"][0].losses, results["cpt.train_dpo"][0].losses
+    same = len(plain) == len(ours) and all(abs(a - b) <= 1e-4 for a, b in zip(plain, ours))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(
-        f"device={device}  threads={ns.threads}  rows={rows.num_rows}  steps={steps}  "
-        f"batch={cfg.per_device_batch_size}x{cfg.grad_accum}  repeats={repeats}  "
-        f"model=builtin:tiny  same_losses={same}"
-    )
     base = statistics.median(r.samples_per_s for r in results["trl_plain"])
-    print(f"{'path':<16}{'rows/s':>10}{'end-to-end s':>15}  {'vs trl_plain':>12}")
+    table, ratio = [], 1.0
     for name, runs in results.items():
         rate = statistics.median(r.samples_per_s for r in runs)
         wall = statistics.median(r.end_to_end_s for r in runs)
-        print(f"{name:<16}{rate:>10.2f}{wall:>15.2f}  {rate / base:>11.2f}x")
-    return 0 if same else 1
+        ratio = rate / base
+        table.append([name, round(rate, 2), round(wall, 2), f"{ratio:.2f}x"])
+    return {
+        "name": "train",
+        "title": "DPO training: cpt.train.train_dpo vs a plain TRL script (same rows, model, recipe)",
+        "header": [
+            f"device={device}  threads={threads}  rows={rows.num_rows}  steps={steps}  "
+            f"batch={cfg.per_device_batch_size}x{cfg.grad_accum}  repeats={repeats} (median)  "
+            f"model=builtin:tiny  same_losses={same}"
+        ],
+        "tables": [md_table(["path", "rows/s", "end-to-end s", "vs trl_plain"], table)],
+        "notes": [
+            "rows/s: preference rows per second over the optimizer steps (same callback for both)",
+            "end-to-end s: model load + data preparation + training + checkpoints + adapter save",
+            "both save checkpoints every steps/2; warm-up runs (2 steps each) are not counted",
+        ],
+        "targets": [
+            {
+                "what": "cpt.train_dpo rows/s vs plain TRL (target >= 0.95x)",
+                "value": f"{ratio:.2f}x",
+                "met": ratio >= 0.95,
+            }
+        ],
+        "figures": {"ratio_vs_trl": ratio, "rows_per_s_trl": base},
+        "errors": [] if same else [f"losses differ: plain TRL {plain} vs cpt {ours}"],
+        "ok": same,
+    }
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="8 steps x 1 repeat, 48 rows")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tasks", type=int, default=48, help="tasks (2 rows each)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest)")
+    ap.add_argument("--json", help="also write the result here (for benchmarks.run)")
+    ns = ap.parse_args()
+    result = main(ns.quick, ns.steps, ns.repeats, ns.tasks, ns.threads)
+    sys.exit(finish(result, ns.json))

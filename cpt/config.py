@@ -305,7 +305,25 @@ class ParallelConfig:
 
 @dataclass
 class ClusterConfig:
-    """A Slurm site profile (used with hydra/launcher=slurm)."""
+    """A Slurm site profile. `name: local` runs every stage in this process; any other name
+    submits each stage as its own Slurm job (see cpt/slurm.py and slurm/README.md).
+
+    Parameters:
+    partition, account, qos (`str`): sbatch flags of every stage job ("" = site default).
+    gpus_per_node (`int`): GPUs of a GPU stage job (generate, adherence, train, evaluate...).
+    cpus_per_task (`int`): CPUs per GPU of a GPU stage job (its one task gets this x GPUs),
+        or of a CPU-only job (tasks, pairs, report).
+    mem_gb (`int`): memory per node of a stage job.
+    time_min (`int`): time limit of a stage job; keep >= 60 (submitit counts a USR2 in the
+        first min(0.8 T, T - 10 min) as preemption, later as a time-out).
+    constraint (`str`): sbatch --constraint of GPU stage jobs (a GPU-node feature).
+    signal_delay_s (`int`): USR2 this long before the time limit: checkpoint and requeue.
+    max_requeue (`int`): time-outs a stage job may requeue itself after (preemptions are free).
+    nodes (`int`): nodes of a GPU data-stage job; > 1 starts a Ray cluster across them.
+    cpu_partition (`str`): partition of CPU-only stage jobs ("" = partition).
+    cpu_mem_gb (`int`): memory of CPU-only stage jobs (0 = mem_gb).
+    additional_parameters (`dict`): extra sbatch flags of every stage job, e.g. {reservation: x}.
+    """
 
     name: str = "local"
     partition: str = ""
@@ -318,7 +336,18 @@ class ClusterConfig:
     constraint: str = ""
     signal_delay_s: int = 120
     max_requeue: int = 3
+    nodes: int = 1
+    cpu_partition: str = ""
+    cpu_mem_gb: int = 0
     additional_parameters: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, low in [
+            *[(k, 0) for k in ("gpus_per_node", "cpu_mem_gb", "max_requeue", "signal_delay_s")],
+            *[(k, 1) for k in ("cpus_per_task", "mem_gb", "time_min", "nodes")],
+        ]:
+            value = getattr(self, key)
+            check(value >= low, f"cluster.{key}", f"must be >= {low}, got {value}")
 
 
 @dataclass
@@ -456,6 +485,7 @@ class CptConfig:
     run_dir: str = "outputs/runs/local"
     stage: StageName | None = None
     plan: bool = False
+    wait: bool = False  # non-local cluster: block until the submitted jobs end; fail if one fails
     seed: int = 0
     teacher: ModelConfig = MISSING
     judge: ModelConfig = MISSING

@@ -188,6 +188,13 @@ def run(cfg: CptConfig) -> list[Path]:
 
         print_status(cfg)
         return []
+    if cfg.cluster.name != "local" and not os.environ.get("CPT_STAGE_JOB"):
+        from cpt import slurm  # a Slurm profile: one job per stage, chained by afterok
+
+        if cfg.plan:
+            print(slurm.plan_jobs(cfg))
+            return []
+        return [s.out_dir for s in slurm.submit_pipeline(cfg)]
     if cfg.plan:
         print(plan(cfg))
         return []

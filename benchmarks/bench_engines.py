@@ -1,0 +1,181 @@
+"""bench_engines: the same chat rows through vLLM offline, HF batched and HF one at a time.
+
+Every path gets the same rows, the same greedy sampling and the same `max_new_tokens`; each
+first runs a warm-up (kernels, allocator, tokenizer caches), then the measured call. The
+figure is generated tokens per second, as a ratio to `hf_sequential` (HF, batch size 1),
+plus how many outputs are identical to hf_sequential's (greedy, so they should all be,
+up to dtype: vLLM on CPU runs bfloat16 unless `--dtype float32`).
+
+    python benchmarks/bench_engines.py                 # tiny model on CPU, 32 rows x 64 tokens
+    python benchmarks/bench_engines.py --quick         # CI: 32 rows x 16 tokens (< 60 s without vLLM)
+    python benchmarks/bench_engines.py --model Qwen/Qwen3-4B --dtype bfloat16 --max-new-tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/...` works too
+
+from benchmarks import finish, md_table
+from cpt.config import DType, EngineConfig, EngineKind, ModelConfig
+from cpt.engines import Request, Sampling, build_engine
+
+TOPICS = ("a lighthouse", "a violin", "the tax code", "a garden gate", "a thunderstorm",
+          "an old bicycle", "a chess opening", "a bowl of soup")  # fmt: skip
+STYLES = ("in a lavish, ornate style", "plainly, in short dry sentences",
+          "as a pirate would", "with exactly three metaphors")  # fmt: skip
+
+
+def bench_requests(n: int, max_new_tokens: int) -> list[Request]:
+    """n chat rows with system prompts and user turns of varied length (so padding matters)."""
+    reqs = []
+    for i in range(n):
+        topic, style = TOPICS[i % len(TOPICS)], STYLES[(i // len(TOPICS)) % len(STYLES)]
+        detail = " Mention its history, its sound and its smell." * (i % 5)
+        messages = (
+            {"role": "system", "content": f"You write {style}."},
+            {"role": "user", "content": f"Describe {topic}.{detail}"},
+        )
+        reqs.append(Request(f"b{i}", messages, Sampling(max_new_tokens, temperature=0.0, seed=i)))
+    return reqs
+
+
+@dataclasses.dataclass
+class Run:
+    load_s: float
+    seconds: float
+    tokens: int
+    texts: list[str]
+    errors: int
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def measure(engine: Any, reqs: list[Request], load_s: float) -> Run:
+    engine.generate(reqs[:2])  # warm-up
+    t0 = time.perf_counter()
+    outs = engine.generate(reqs)
+    dt = time.perf_counter() - t0
+    return Run(
+        load_s=load_s,
+        seconds=dt,
+        tokens=sum(c.completion_tokens for c in outs),
+        texts=[c.text for c in outs],
+        errors=sum(c.finish_reason == "error" for c in outs),
+    )
+
+
+def main(ns: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        torch.set_num_threads(ns.threads)
+    max_new = ns.max_new_tokens or (16 if ns.quick else 64)
+    reqs = bench_requests(ns.rows, max_new)
+    model = ModelConfig(name="bench", path=ns.model, dtype=DType(ns.dtype), max_model_len=2048)
+    runs: dict[str, Run] = {}
+    errors: list[str] = []
+
+    t0 = time.perf_counter()
+    hf = build_engine(model, EngineConfig(kind=EngineKind.hf, batch_size=ns.batch_size))
+    load_s = time.perf_counter() - t0
+    hf_dtype = str(hf.model.dtype).removeprefix("torch.")
+    runs["hf_batched"] = measure(hf, reqs, load_s)
+    hf.engine_cfg = dataclasses.replace(hf.engine_cfg, batch_size=1)  # same weights, batch 1
+    runs["hf_sequential"] = measure(hf, reqs, load_s)
+    hf.close()
+    del hf
+
+    vllm_note = "skipped (--no-vllm)" if ns.no_vllm else ""
+    if not ns.no_vllm:
+        try:
+            import vllm  # noqa: F401
+        except Exception as exc:
+            vllm_note = f"skipped (vllm not importable: {type(exc).__name__})"
+    if not vllm_note:
+        t0 = time.perf_counter()
+        try:
+            engine = build_engine(model, EngineConfig(kind=EngineKind.vllm, max_loras=0))
+            runs["vllm"] = measure(engine, reqs, time.perf_counter() - t0)
+            vllm_note = f"dtype={engine.llm.llm_engine.model_config.dtype}".replace("torch.", "")
+            engine.close()
+        except Exception as exc:
+            errors.append(f"vllm: {type(exc).__name__}: {exc}")
+
+    base = runs["hf_sequential"]
+    order = [p for p in ("vllm", "hf_batched", "hf_sequential") if p in runs]
+    rows = []
+    for name in order:
+        r = runs[name]
+        same = sum(a == b for a, b in zip(r.texts, base.texts))
+        rows.append(
+            [
+                name,
+                r.load_s,
+                r.seconds,
+                r.tokens,
+                r.tok_s,
+                f"{r.tok_s / base.tok_s:.2f}x",
+                f"{same}/{len(reqs)}",
+            ]
+        )
+        if r.errors:
+            errors.append(f"{name}: {r.errors} error completions")
+    if runs["hf_batched"].texts != base.texts:
+        errors.append("hf_batched greedy outputs differ from hf_sequential (left padding?)")
+    device = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
+    threads = "n/a" if cuda else str(ns.threads)
+    try:
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    header = [
+        f"device={device}  torch_threads={threads}  load_avg={load}  model={ns.model}  "
+        f"hf_dtype={hf_dtype}  rows={len(reqs)}  max_new_tokens={max_new} (greedy)  "
+        f"hf_batch={ns.batch_size}",
+    ]
+    table = md_table(
+        ["path", "load s", "seconds", "tokens", "tok/s", "vs hf_sequential", "same text"], rows
+    )
+    notes = [
+        "tok/s = completion tokens (EOS included) / seconds of the one measured generate() call, "
+        "after a 2-row warm-up; model load is shown apart and not timed",
+        "same text: outputs identical to hf_sequential's (greedy decoding)",
+    ]
+    if vllm_note:
+        notes.append(f"vllm: {vllm_note}")
+    return {
+        "name": "engines",
+        "title": "engines: vLLM offline vs HF batched vs HF one at a time (same rows)",
+        "header": header,
+        "tables": [table],
+        "notes": notes,
+        "figures": {name: {"tok_s": r.tok_s, "seconds": r.seconds} for name, r in runs.items()},
+        "errors": errors,
+        "ok": not errors,
+    }
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="16 new tokens per row (CI)")
+    ap.add_argument("--model", default="builtin:tiny", help="HF id, local folder or builtin:tiny")
+    ap.add_argument("--dtype", default="auto", choices=[d.value for d in DType])
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=0, help="0: 64 (16 with --quick)")
+    ap.add_argument("--batch-size", type=int, default=8, help="hf_batched batch size")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest)")
+    ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--json", help="also write the result here (for benchmarks.run)")
+    ns = ap.parse_args()
+    sys.exit(finish(main(ns), ns.json))

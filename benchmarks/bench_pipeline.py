@@ -1,0 +1,121 @@
+"""bench_pipeline: where the time of the default local pipeline goes, stage by stage.
+
+Runs the real entry point (`python jobs/launch.py run_dir=<tmp> ...`) once, then reads each
+finished stage's manifest (`seconds`: the stage's own wall time, from lock to _SUCCESS) and
+shows it as a share of the launch's wall time. What is left over ("outside stages") is
+process start, imports, config composition and the graph walk.
+
+    python -m benchmarks.bench_pipeline            # the default pipeline (tiny models, Ray)
+    python -m benchmarks.bench_pipeline --quick    # 2 tasks, 1 rubric, inline backend
+
+The quick mode changes only sizes and the backend: the same stages run, in the same order.
+Stages that the composed config cannot run yet (no `train` section in `CptConfig`) are left
+out, and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import REPO, finish, md_table
+
+QUICK = [
+    "tasks.num_tasks=2",
+    "rubrics.include=[concision]",
+    "parallel.backend=inline",  # Ray start and per-stage actor model loads dominate tiny runs
+]
+QUICK_TRAIN = ["train.max_steps=2"]
+
+
+def _stage_manifests(run_dir: Path, stage: str) -> list[tuple[str, dict]]:
+    """(label, manifest) of each finished folder of a stage (one per student for train...)."""
+    from cpt import store
+
+    found = sorted((run_dir / stage).glob("*/manifest.json")) + sorted(
+        (run_dir / stage).glob("manifest.json")
+    )
+    if len(found) == 1:
+        return [(stage, store.read_json(found[0]))]
+    return [(f"{stage} {p.parent.name}", store.read_json(p)) for p in found]
+
+
+def main(quick: bool = False, extra: list[str] | None = None) -> dict[str, Any]:
+    from cpt.config import CptConfig
+    from cpt.pipeline import pipeline_order
+
+    has_train = "train" in {f.name for f in dataclasses.fields(CptConfig)}
+    overrides = list(QUICK if quick else [])
+    notes = []
+    if has_train:
+        overrides += QUICK_TRAIN if quick else []
+    else:
+        overrides.append("stage=pairs")
+        notes.append(
+            "train, evaluate and report left out: CptConfig has no `train` section yet, so "
+            "`python jobs/launch.py` cannot run them"
+        )
+    overrides += extra or []
+    errors: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="bench_pipeline-") as tmp:
+        run_dir = Path(tmp) / "run"
+        cmd = [sys.executable, "jobs/launch.py", f"run_dir={run_dir}", *overrides]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3000)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            errors.append(f"launch exited {proc.returncode}: {' / '.join(tail)}")
+        rows = []
+        for stage in pipeline_order():
+            for label, m in _stage_manifests(run_dir, stage):
+                rows.append(
+                    [
+                        label,
+                        m.get("seconds", float("nan")),
+                        m.get("rows", "-"),
+                        m.get("n_shards", "-"),
+                    ]
+                )
+    in_stages = sum(r[1] for r in rows)
+    table = [[s, sec, sec / wall * 100, n, sh] for s, sec, n, sh in rows]
+    table.append(
+        [
+            "outside stages (start, imports, compose)",
+            wall - in_stages,
+            (wall - in_stages) / wall * 100,
+            "-",
+            "-",
+        ]
+    )
+    table.append(["total (launch wall time)", wall, 100.0, "-", "-"])
+    shown = " ".join(o for o in overrides) or "(defaults)"
+    return {
+        "name": "pipeline",
+        "title": "end-to-end local pipeline, time by stage",
+        "header": [f"command: python jobs/launch.py run_dir=<tmp> {shown}"],
+        "tables": [md_table(["stage", "seconds", "% of total", "rows", "shards"], table)],
+        "notes": [
+            *notes,
+            "seconds per stage: the stage manifest's `seconds` (lock taken to _SUCCESS written)",
+        ],
+        "targets": [],
+        "figures": {"wall_s": wall, **{f"{r[0]}_s": r[1] for r in rows}},
+        "errors": errors,
+        "ok": not errors,
+    }
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 tasks, 1 rubric, inline backend")
+    ap.add_argument("--json", help="also write the result here (for benchmarks.run)")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the launch")
+    ns = ap.parse_args()
+    sys.exit(finish(main(ns.quick, ns.overrides), ns.json))
