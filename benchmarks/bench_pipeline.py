@@ -29,9 +29,17 @@ from benchmarks import REPO, finish, md_table
 QUICK = [
     "tasks.num_tasks=2",
     "rubrics.include=[concision]",
+    "generate.no_rubric=false",
     "parallel.backend=inline",  # Ray start and per-stage actor model loads dominate tiny runs
+    "adherence.max_attempts=1",  # the random tiny judge rarely closes its JSON: no repair rounds
 ]
-QUICK_TRAIN = ["train.max_steps=2"]
+QUICK_TRAIN = [
+    "train.max_steps=2",
+    "evaluate.samples=1",
+    "evaluate.judge_max_attempts=1",
+    "evaluate.agreement_fraction=0",
+    "report.n_boot=100",
+]
 
 
 def _stage_manifests(run_dir: Path, stage: str) -> list[tuple[str, dict]]:

@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cpt.store import REPO_ROOT
 from cpt.tasks import TaskSource
+from cpt.train import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -502,6 +503,7 @@ class CptConfig:
     sysprompts: SyspromptsConfig = field(default_factory=SyspromptsConfig)
     adherence: JudgingConfig = field(default_factory=JudgingConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 

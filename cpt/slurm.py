@@ -103,6 +103,12 @@ class JobState:
     def in_flight(self) -> bool:
         return self.state in IN_FLIGHT
 
+    @property
+    def cancelled_by_dependency(self) -> bool:
+        """Cancelled because an input's job failed (--kill-on-invalid-dep). sacct keeps the
+        last pending reason, "Dependency"; squeue says "DependencyNeverSatisfied"."""
+        return self.state == "CANCELLED" and self.reason.startswith("Dependency")
+
 
 def job_states(job_ids: Iterable[str]) -> dict[str, JobState]:
     """Current state of each job Slurm knows: squeue for live jobs (authoritative, no lag),
@@ -533,7 +539,9 @@ def wait_for(cfg: CptConfig, subs: list[Submitted], poll_s: float = 3.0) -> None
                 log.info("stage %s: job %s finished", name, s.job_id)
                 continue
             state = st.state if st else "UNKNOWN"
-            why = " (an input's job failed)" if st is not None and "Dependency" in st.reason else ""
+            why = (
+                " (an input's job failed)" if st is not None and st.cancelled_by_dependency else ""
+            )
             failed.append(f"stage {name}: job {s.job_id} {state}{why}; log: {s.stderr}")
         if todo and time.time() - last_report > 30:
             last_report = time.time()

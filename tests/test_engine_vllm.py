@@ -7,13 +7,13 @@ Run: .venv/bin/pytest tests/test_engine_vllm.py -q
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -22,8 +22,8 @@ import pytest
 
 from cpt.config import DType, EngineConfig, EngineKind, ModelConfig
 from cpt.engines import Request, Sampling, adapter_name, build_engine
+from cpt.engines.openai import vllm_serve_command
 from cpt.engines.schema import schema_problems
-from cpt.models.tiny import tiny_model_dir
 
 try:
     import vllm  # noqa: F401
@@ -178,40 +178,22 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("CPT_TEST_VLLM_SERVER") != "1",
-    reason="starts `vllm serve` (60-120 s on 2 CPU cores); set CPT_TEST_VLLM_SERVER=1 to run",
+    reason="starts `vllm serve` (80-120 s on 2 busy CPU cores); set CPT_TEST_VLLM_SERVER=1 to run",
 )
 def test_openai_engine_against_a_real_vllm_server(tmp_path):
     """`vllm serve` on the tiny model + the openai engine: one plain and one JSON request."""
     port = _free_port()
     log_path = tmp_path / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(tiny_model_dir("tiny")),
-        "--served-model-name",
-        "builtin:tiny",
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        "--max-model-len",
-        "512",
-        "--enforce-eager",
-        "--structured-outputs-config",
-        '{"backend": "xgrammar", "disable_any_whitespace": true}',
-    ]
+    model = ModelConfig(name="tiny", path="builtin:tiny", max_model_len=512, dtype=DType.float32)
+    cmd = vllm_serve_command(model, EngineConfig(), port=port, host="127.0.0.1", enforce_eager=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     try:
         _wait_healthy(proc, port, log_path, timeout_s=240)
-        model = ModelConfig(
-            name="tiny", path="builtin:tiny", base_url=f"http://127.0.0.1:{port}/v1"
-        )
+        model = dataclasses.replace(model, base_url=f"http://127.0.0.1:{port}/v1")
         eng = build_engine(model, EngineConfig(kind=EngineKind.openai, max_retries=1))
         plain, judged = eng.generate(
             [

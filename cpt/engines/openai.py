@@ -1,10 +1,11 @@
 """OpenAI-compatible server engine (a vLLM server job, or any chat-completions endpoint).
 
-Serving base + adapters with vLLM so that this engine can address them:
+Serving base + adapters with vLLM so that this engine can address them: `vllm_serve_command`
+gives the argv, i.e.
 
-    vllm serve <model path> --served-model-name <model.path> --enable-lora \\
-        --structured-outputs-config '{"backend": "xgrammar", "disable_any_whitespace": true}' \\
-        $(python -c "from cpt.engines.openai import lora_modules_arg; print(*lora_modules_arg([...]))")
+    python -m vllm.entrypoints.openai.api_server --model <resolved path> \\
+        --served-model-name <model.path> --enable-lora --lora-modules <adapter_name(p)>=<p> ... \\
+        --structured-outputs-config '{"backend": "xgrammar", "disable_any_whitespace": true}'
 """
 
 from __future__ import annotations
@@ -26,6 +27,48 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = frozenset({408, 409, 429})  # plus every 5xx
+
+
+def vllm_serve_command(
+    model: ModelConfig,
+    engine: EngineConfig,
+    *,
+    port: int = 8000,
+    host: str = "0.0.0.0",
+    adapters: list[str] | None = None,
+    enforce_eager: bool = False,
+) -> list[str]:
+    """argv of a vLLM OpenAI-compatible server that `OpenAIEngine` can talk to.
+
+    Serves `model` under the name `model.path`, each adapter folder under `adapter_name(path)`,
+    and emits compact JSON for schema requests (the same choices as `VLLMEngine`). The API key,
+    if any, is for the caller to add (`--api-key` or `VLLM_API_KEY`), never a config value.
+    """
+    import sys
+
+    from cpt.models.tiny import resolve_model_path
+
+    path = resolve_model_path(model.path)
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", path, "--served-model-name", model.path,
+        "--dtype", str(getattr(model.dtype, "value", model.dtype)),
+        "--tensor-parallel-size", str(model.tensor_parallel_size),
+        "--max-model-len", str(model.max_model_len),
+        "--gpu-memory-utilization", str(engine.gpu_memory_utilization),
+        "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
+        "--host", host, "--port", str(port),
+    ]  # fmt: skip
+    if not os.path.isdir(path):
+        cmd += ["--revision", model.revision]
+    if model.trust_remote_code:
+        cmd.append("--trust-remote-code")
+    if enforce_eager:
+        cmd.append("--enforce-eager")
+    if adapters:
+        cmd += ["--enable-lora", "--max-loras", str(engine.max_loras)]
+        cmd += ["--max-lora-rank", str(engine.max_lora_rank), *lora_modules_arg(adapters)]
+    return cmd
 
 
 def lora_modules_arg(adapters: list[str]) -> list[str]:

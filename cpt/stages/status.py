@@ -12,6 +12,7 @@ Writes nothing.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class StageStatus:
     folder: Path
     job_id: str = ""
     log: str = ""
+    note: str = ""  # e.g. the error line of a failed job's log
 
 
 def _shards_total(cfg: CptConfig, name: str) -> int | None:
@@ -43,14 +45,19 @@ def _shards_done(folder: Path) -> int:
     return len(list((folder / "shards").glob(f"{store.SHARD_PREFIX}*.json")))
 
 
-def _last_line(path: str) -> str:
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+
+
+def _error_line(path: str) -> str:
+    """The last exception line of a job log (else its last meaningful line)."""
     with contextlib.suppress(OSError):
         with open(path, "rb") as f:
             f.seek(0, 2)
-            f.seek(max(0, f.tell() - 8192))
+            f.seek(max(0, f.tell() - 32768))
             lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
-        lines = [ln for ln in lines if ln and not ln.startswith("srun: ")]
-        return lines[-1][:200] if lines else ""
+        lines = [ln for ln in lines if ln and not ln.startswith(("srun: ", "slurmstepd"))]
+        errors = [ln for ln in lines if _ERROR_LINE.match(ln)]
+        return (errors or lines or [""])[-1][:240]
     return ""
 
 
@@ -59,8 +66,13 @@ def stage_status(cfg: CptConfig) -> list[StageStatus]:
     from cpt.pipeline import pipeline_order, stage_dir
 
     rows: list[tuple[str, Path, dict | None]] = []
+    broken: dict[str, str] = {}
     for name in pipeline_order():
-        folder = stage_dir(cfg, name)
+        try:
+            folder = stage_dir(cfg, name)
+        except Exception as exc:  # e.g. a config without this stage's section
+            broken[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            continue
         rows.append((name, folder, slurm.read_ledger(folder)))
     states = slurm.job_states(e["job_id"] for _, _, e in rows if e and e.get("job_id"))
     out = []
@@ -97,7 +109,7 @@ def stage_status(cfg: CptConfig) -> list[StageStatus]:
                 )
             )
         elif entry and st is not None:
-            if st.state == "CANCELLED" and "Dependency" in st.reason:
+            if st.cancelled_by_dependency:
                 out.append(
                     StageStatus(
                         name,
@@ -109,11 +121,12 @@ def stage_status(cfg: CptConfig) -> list[StageStatus]:
                     )
                 )
             else:
-                last = _last_line(log_path)
                 detail = f"{job} {st.state}, {shards}; log: {log_path}"
-                if last:
-                    detail += f"\n{'':<14}{last}"
-                out.append(StageStatus(name, "failed", detail, folder, job_id, log_path))
+                out.append(
+                    StageStatus(
+                        name, "failed", detail, folder, job_id, log_path, _error_line(log_path)
+                    )
+                )
         elif entry:
             where = "Slurm does not know it" if slurm.have_slurm() else "no Slurm here to ask"
             out.append(
@@ -130,18 +143,18 @@ def stage_status(cfg: CptConfig) -> list[StageStatus]:
             out.append(StageStatus(name, "partial", shards, folder))
         else:
             out.append(StageStatus(name, "not started", "", folder))
-    return out
+    for name, why in broken.items():
+        out.append(StageStatus(name, "unknown", f"cannot compute its folder ({why})", Path("?")))
+    order = pipeline_order()
+    return sorted(out, key=lambda r: order.index(r.stage))
 
 
 def print_status(cfg: CptConfig) -> None:
-    rows = stage_status(cfg)
     root = Path(cfg.run_dir).absolute()
     lines = [f"run_dir: {root}"]
-    for r in rows:
+    for r in stage_status(cfg):
         rel = r.folder.relative_to(root) if r.folder.is_relative_to(root) else r.folder
-        lines.append(
-            f"{r.stage:<12}{r.state:<12}{r.detail}  [{rel}]"
-            if r.detail
-            else f"{r.stage:<12}{r.state:<12}[{rel}]"
-        )
+        lines.append(f"{r.stage:<12}{r.state:<12}{r.detail + '  ' if r.detail else ''}[{rel}]")
+        if r.note:
+            lines.append(f"{'':<24}{r.note}")
     print("\n".join(lines), flush=True)
