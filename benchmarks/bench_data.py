@@ -1,7 +1,7 @@
 """bench_data: the data layer at scale: pairs and metrics over synthetic rows, 10k to 1M.
 
-Two operations, each at 10k, 100k and 1M input rows, each size in its own process so the
-peak memory (ru_maxrss) belongs to that size alone:
+Two operations, each at 10k, 100k and 1M input rows, each size in its own (forked) process
+so the peak memory (ru_maxrss) belongs to that size alone:
 
     pairs     `cpt.stages.pairs.build_pairs` over generate-like rows (tasks x 2 rubrics x
               3 levels x 4 samples; short texts): the preference rows, both directions
@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from typing import Any
 
-from benchmarks import REPO, finish, md_table
+from benchmarks import finish, md_table
 
 RUBRICS = ("baroque-reviewer", "concision")  # the default (tiny) rubric set
 SAMPLES = 4
@@ -136,23 +135,36 @@ def measure(what: str, n_rows: int) -> dict[str, Any]:
     }
 
 
+def _child(conn, what: str, n: int) -> None:
+    try:
+        conn.send(measure(what, n))
+    except BaseException as exc:  # report, do not hang the parent
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        conn.close()
+
+
 def main(quick: bool = False) -> dict[str, Any]:
+    import multiprocessing
+
+    import cpt.metrics
+    import cpt.stages.pairs  # noqa: F401  (imported once here; each measurement forks from this)
+
     sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
     results: list[dict] = []
     errors: list[str] = []
+    ctx = multiprocessing.get_context("fork")  # a fresh process per size, without re-importing
     for what in ("pairs", "metrics"):
         for n in sizes:
-            proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.bench_data", "--one", what, str(n)],
-                capture_output=True,
-                text=True,
-                cwd=REPO,
-                timeout=1800,
-            )
-            if proc.returncode != 0:
-                errors.append(f"{what} at {n} rows: exit {proc.returncode}: {proc.stderr[-1500:]}")
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_child, args=(send, what, n))
+            proc.start()
+            send.close()
+            r = recv.recv() if recv.poll(1800) else {"error": "no answer in 1800 s"}
+            proc.join(60)
+            if "error" in r or proc.exitcode != 0:
+                errors.append(f"{what} at {n} rows: exit {proc.exitcode}: {r.get('error')}")
                 continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
             if not r["ok"]:
                 errors.append(f"{what} at {n} rows: output check failed ({r})")
             results.append(r)

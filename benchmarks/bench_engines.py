@@ -3,11 +3,11 @@
 Every path gets the same rows, the same greedy sampling and the same `max_new_tokens`; each
 first runs a warm-up (kernels, allocator, tokenizer caches), then the measured call. The
 figure is generated tokens per second, as a ratio to `hf_sequential` (HF, batch size 1),
-plus how many outputs are identical to hf_sequential's (greedy, so they should all be,
-up to dtype: vLLM on CPU runs bfloat16 unless `--dtype float32`).
+plus how many outputs are identical to hf_sequential's (greedy, so nearly all should be;
+vLLM's kernels round differently, and it would run bfloat16 on CPU under `--dtype auto`).
 
-    python benchmarks/bench_engines.py                 # tiny model on CPU, 32 rows x 64 tokens
-    python benchmarks/bench_engines.py --quick         # CI: 32 rows x 16 tokens (< 60 s without vLLM)
+    python benchmarks/bench_engines.py            # tiny model on CPU, 32 rows x 64 tokens, 3 repeats
+    python benchmarks/bench_engines.py --quick    # CI: 32 rows x 16 tokens, 1 repeat (< 60 s w/o vLLM)
     python benchmarks/bench_engines.py --model Qwen/Qwen3-4B --dtype bfloat16 --max-new-tokens 256
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,11 +61,14 @@ class Run:
         return self.tokens / self.seconds
 
 
-def measure(engine: Any, reqs: list[Request], load_s: float) -> Run:
+def measure(engine: Any, reqs: list[Request], load_s: float, repeats: int) -> Run:
     engine.generate(reqs[:2])  # warm-up
-    t0 = time.perf_counter()
-    outs = engine.generate(reqs)
-    dt = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = engine.generate(reqs)
+        times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
     return Run(
         load_s=load_s,
         seconds=dt,
@@ -81,8 +85,10 @@ def main(ns: argparse.Namespace) -> dict[str, Any]:
     if not cuda:
         torch.set_num_threads(ns.threads)
     max_new = ns.max_new_tokens or (16 if ns.quick else 64)
+    repeats = ns.repeats or (1 if ns.quick else 3)
+    dtype = ns.dtype or ("auto" if cuda else "float32")  # vLLM-CPU's auto is bfloat16, HF's fp32
     reqs = bench_requests(ns.rows, max_new)
-    model = ModelConfig(name="bench", path=ns.model, dtype=DType(ns.dtype), max_model_len=2048)
+    model = ModelConfig(name="bench", path=ns.model, dtype=DType(dtype), max_model_len=2048)
     runs: dict[str, Run] = {}
     errors: list[str] = []
 
@@ -90,9 +96,9 @@ def main(ns: argparse.Namespace) -> dict[str, Any]:
     hf = build_engine(model, EngineConfig(kind=EngineKind.hf, batch_size=ns.batch_size))
     load_s = time.perf_counter() - t0
     hf_dtype = str(hf.model.dtype).removeprefix("torch.")
-    runs["hf_batched"] = measure(hf, reqs, load_s)
+    runs["hf_batched"] = measure(hf, reqs, load_s, repeats)
     hf.engine_cfg = dataclasses.replace(hf.engine_cfg, batch_size=1)  # same weights, batch 1
-    runs["hf_sequential"] = measure(hf, reqs, load_s)
+    runs["hf_sequential"] = measure(hf, reqs, load_s, repeats)
     hf.close()
     del hf
 
@@ -106,7 +112,7 @@ def main(ns: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         try:
             engine = build_engine(model, EngineConfig(kind=EngineKind.vllm, max_loras=0))
-            runs["vllm"] = measure(engine, reqs, time.perf_counter() - t0)
+            runs["vllm"] = measure(engine, reqs, time.perf_counter() - t0, repeats)
             vllm_note = f"dtype={engine.llm.llm_engine.model_config.dtype}".replace("torch.", "")
             engine.close()
         except Exception as exc:
@@ -142,14 +148,16 @@ def main(ns: argparse.Namespace) -> dict[str, Any]:
     header = [
         f"device={device}  torch_threads={threads}  load_avg={load}  model={ns.model}  "
         f"hf_dtype={hf_dtype}  rows={len(reqs)}  max_new_tokens={max_new} (greedy)  "
-        f"hf_batch={ns.batch_size}",
+        f"hf_batch={ns.batch_size}  repeats={repeats} (median)",
     ]
     table = md_table(
         ["path", "load s", "seconds", "tokens", "tok/s", "vs hf_sequential", "same text"], rows
     )
     notes = [
-        "tok/s = completion tokens (EOS included) / seconds of the one measured generate() call, "
-        "after a 2-row warm-up; model load is shown apart and not timed",
+        "tok/s = completion tokens (EOS included) / median seconds of the measured generate() "
+        "calls over all rows, after a 2-row warm-up; model load is shown apart, not timed",
+        "HF paths run first: importing vLLM's model code in a process slowed plain PyTorch "
+        "here, so vLLM goes last",
         "same text: outputs identical to hf_sequential's (greedy decoding)",
     ]
     if vllm_note:
@@ -170,7 +178,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="16 new tokens per row (CI)")
     ap.add_argument("--model", default="builtin:tiny", help="HF id, local folder or builtin:tiny")
-    ap.add_argument("--dtype", default="auto", choices=[d.value for d in DType])
+    ap.add_argument(
+        "--dtype",
+        choices=[d.value for d in DType],
+        help="default: float32 on CPU (same for both engines), auto on CUDA",
+    )
+    ap.add_argument("--repeats", type=int, default=0, help="measured calls; 0: 3 (1 with --quick)")
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=0, help="0: 64 (16 with --quick)")
     ap.add_argument("--batch-size", type=int, default=8, help="hf_batched batch size")

@@ -16,7 +16,7 @@ state, from the shard receipts' timestamps after every actor finished its first 
 Outputs must be identical on every path (seeded sampling), or the benchmark fails.
 
     python -m benchmarks.bench_runner            # 512 rows, 16 shards, 5 paired repeats
-    python -m benchmarks.bench_runner --quick    # 128 rows, 4 shards, 2 paired repeats
+    python -m benchmarks.bench_runner --quick    # 128 rows, 4 shards, 3 paired repeats
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def main(quick: bool = False, with_ray: bool = True) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)  # a Ray actor with num_cpus=1 gets one thread: compare like with like
-    n_rows, pairs, max_new = (128, 2, 32) if quick else (512, 5, 48)
+    n_rows, pairs, max_new = (128, 3, 32) if quick else (512, 5, 48)
     rows = work_rows(n_rows)
     n_shards = -(-n_rows // SHARD_SIZE)
     fac = factory(max_new)
@@ -184,7 +184,7 @@ def main(quick: bool = False, with_ray: bool = True) -> dict[str, Any]:
         # the runner's own cost, without the engine: same output rows, a worker that only echoes
         echo_s = [
             run_runner(Echo(reference), rows, tmp / "echo", "inline")
-            for _ in range(5 if quick else 10)
+            for _ in range(3 if quick else 10)
         ]
 
         ray_e2e: dict[str, float] = {}

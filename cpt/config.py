@@ -310,7 +310,7 @@ class ClusterConfig:
     submits each stage as its own Slurm job (see cpt/slurm.py and slurm/README.md).
 
     Parameters:
-    partition, account, qos (`str`): sbatch flags of every stage job ("" = site default).
+    partition, account, qos (`str`): sbatch flags of every stage job (unset = site default).
     gpus_per_node (`int`): GPUs of a GPU stage job (generate, adherence, train, evaluate...).
     cpus_per_task (`int`): CPUs per GPU of a GPU stage job (its one task gets this x GPUs),
         or of a CPU-only job (tasks, pairs, report).
@@ -321,24 +321,24 @@ class ClusterConfig:
     signal_delay_s (`int`): USR2 this long before the time limit: checkpoint and requeue.
     max_requeue (`int`): time-outs a stage job may requeue itself after (preemptions are free).
     nodes (`int`): nodes of a GPU data-stage job; > 1 starts a Ray cluster across them.
-    cpu_partition (`str`): partition of CPU-only stage jobs ("" = partition).
+    cpu_partition (`str`): partition of CPU-only stage jobs (unset = partition).
     cpu_mem_gb (`int`): memory of CPU-only stage jobs (0 = mem_gb).
     additional_parameters (`dict`): extra sbatch flags of every stage job, e.g. {reservation: x}.
     """
 
     name: str = "local"
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
     gpus_per_node: int = 0
     cpus_per_task: int = 2
     mem_gb: int = 8
     time_min: int = 60
-    constraint: str = ""
+    constraint: str | None = None
     signal_delay_s: int = 120
     max_requeue: int = 3
     nodes: int = 1
-    cpu_partition: str = ""
+    cpu_partition: str | None = None
     cpu_mem_gb: int = 0
     additional_parameters: dict[str, Any] = field(default_factory=dict)
 

@@ -24,7 +24,7 @@ _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 JUDGE_SCHEMA: dict = {
     "type": "object",
     "properties": {
-        "critique": {"type": "string", "maxLength": 600},
+        "critique": {"type": "string", "maxLength": 400},
         "score": {"type": "integer", "minimum": 0, "maximum": 100},
     },
     "required": ["critique", "score"],

@@ -314,7 +314,7 @@ class StageJob(submitit.helpers.Checkpointable):
         )
         spec = pipeline.stage_specs()[name]
         missing = [dep for dep in spec.needs if not store.is_done(pipeline.stage_dir(cfg, dep))]
-        if missing:
+        if missing and not _always_run(spec):  # (a view like report renders what exists)
             raise SlurmError(
                 f"stage {name}: inputs {missing} are not done although this job ran after "
                 "their jobs; see their logs (`stage=status`)"
@@ -426,6 +426,9 @@ def submit_pipeline(cfg: CptConfig) -> list[Submitted]:
                 plan[name] = Submitted(name, out, "done")
                 continue
             entry, state = _in_flight_job(out)
+            if store.is_done(out):  # its job finished while we looked
+                plan[name] = Submitted(name, out, "done")
+                continue
             if entry and state is not None and state.in_flight:
                 log.info(
                     "stage %s: job %s is %s already; reusing it", name, state.job_id, state.state

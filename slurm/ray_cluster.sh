@@ -83,5 +83,6 @@ ray_cluster_stop() {
     wait "$pid" 2>/dev/null || true
   done
   RAY_WORKERS_PID= RAY_HEAD_PID=
+  unset RAY_ADDRESS
   _ray_log "ray cluster stopped"
 }

@@ -162,3 +162,32 @@ def test_sigkill_mid_generation_then_rerun_loses_and_duplicates_nothing(tmp_path
     assert before == {i: store.shard_path(d, i).stat().st_mtime_ns for i in survivors}
     ids = store.read_table(d)["id"].to_pylist()
     assert len(ids) == n_total and len(set(ids)) == n_total  # none missing, none duplicated
+
+
+def test_sweep_over_students_shares_data_stages_and_reports_both(run_dir):
+    """The whole pipeline as a multirun over two students (one without a system role):
+    data stages run once, one adapter and one evaluation per student, one report."""
+    sweep = [f"run_dir={run_dir}", *FAST, "evaluate.samples=2",
+             "evaluate.agreement_fraction=0.5", "report.n_boot=50"]
+    launch("-m", "student=tiny,tiny_nosys", *sweep)
+    assert len(list((run_dir / "generate").iterdir())) == 1  # shared by both students
+    trains = sorted(p.name.split("-")[0] for p in (run_dir / "train").iterdir())
+    assert trains == ["tiny", "tiny_nosys"]
+    for student in ("tiny", "tiny_nosys"):
+        t = stage_dir(compose(*sweep, f"student={student}"), "train")
+        assert (t / "adapter" / "adapter_model.safetensors").exists()
+        m = store.read_json(t / "manifest.json")
+        assert m["steps"] > 0 and m["first_loss"] == pytest.approx(0.6931, abs=1e-3)  # ln 2
+        e = stage_dir(compose(*sweep, f"student={student}"), "evaluate")
+        rows = store.read_table(e).to_pylist()
+        assert {r["model"] for r in rows} == {"base", "cpt"}
+        assert {r["sample_idx"] for r in rows} == {0, 1}
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "| tiny |" in md and "| tiny_nosys |" in md and "## Judge agreement" in md
+    assert (run_dir / "report" / "plots" / "tiny_nosys_scores.png").exists()
+    # re-render from the run folder alone: nothing is recomputed
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "evaluate").rglob("*") if p.is_file()}
+    launch("stage=report", f"run_dir={run_dir}")
+    assert before == {p: p.stat().st_mtime_ns
+                      for p in (run_dir / "evaluate").rglob("*") if p.is_file()}
+    assert "| tiny_nosys |" in (run_dir / "report" / "report.md").read_text()

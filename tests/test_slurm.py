@@ -328,7 +328,7 @@ def test_sweep_over_students_submits_data_stages_once(sweep):
         assert names.count(f"cpt-{s}-{stage_dir(cfg, s).name}") == 1, (s, names)
         assert len(submissions(cfg, s)) == 1 and not ledger(cfg, s)["history"]
     # the driver that came second found the data jobs in flight (or, for a quick one, done)
-    driver_logs = "".join(p.read_text() for p in (d / ".hydra").rglob("*_log.err"))
+    driver_logs = "".join(p.read_text() for p in (d / ".hydra").rglob("*_log.*"))
     assert "reusing it" in driver_logs, driver_logs[-3000:]
     assert sum(n.startswith("cpt-driver") for n in names) == len(STUDENTS), names
     per_student = per_student_stages()

@@ -1,8 +1,9 @@
 """HF transformers engine: batched generation with left padding (the CPU/debug default).
 
-from cpt.engines import build_engine, Request, Sampling
-engine = build_engine(ModelConfig(name="tiny", path="builtin:tiny"), EngineConfig(kind="hf"))
-engine.generate([Request(id="a", messages=({"role": "user", "content": "hi"},))])
+>>> from cpt.config import EngineConfig, ModelConfig
+>>> from cpt.engines import Request, Sampling, build_engine
+>>> engine = build_engine(ModelConfig(name="tiny", path="builtin:tiny"), EngineConfig())
+>>> engine.generate([Request("a", ({"role": "user", "content": "hi"},), Sampling(8, 0.0))])
 """
 
 from __future__ import annotations
