@@ -103,9 +103,11 @@ def run_stage(cfg: CptConfig, name: str) -> Path:
             "stage %s: done already (%s), skipping", name, out
         )
         return out
-    inputs = {dep: run_stage(cfg, dep) for dep in spec.needs}
+    # an explicitly requested view (stage=report) renders what exists, computing nothing
+    render_only = spec.always_run and explicit
+    inputs = {} if render_only else {dep: run_stage(cfg, dep) for dep in spec.needs}
     with store.stage_lock(out):
-        if store.is_done(out):  # another launch finished it while we waited
+        if store.is_done(out) and not spec.always_run:  # finished by another launch meanwhile
             return out
         log.info("stage %s: running -> %s", name, out)
         started = time.time()

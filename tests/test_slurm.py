@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -26,10 +27,11 @@ START_SCRIPT = REPO.parent / "shared" / "slurm-ci" / "start-slurm.sh"
 
 
 def _slurm_up() -> bool:
-    """Slurm answers, or ../shared/slurm-ci can start it (as in .ci/run; ~1 s when it is up)."""
+    """Slurm answers, or ../shared/slurm-ci can start it (as .ci/run does)."""
     if has_slurm():
         return True
-    if START_SCRIPT.exists() and os.geteuid() == 0:
+    # start the daemons if Slurm is installed but down; never install packages from a test
+    if START_SCRIPT.exists() and os.geteuid() == 0 and shutil.which("slurmctld"):
         subprocess.run(
             ["bash", str(START_SCRIPT)],
             env={**os.environ, "SLURM_CI_CPUS": "4", "SLURM_CI_QUIET": "1"},
