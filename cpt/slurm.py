@@ -320,6 +320,7 @@ class StageJob(submitit.helpers.Checkpointable):
                 "their jobs; see their logs (`stage=status`)"
             )
         res = stage_resources(cfg, name)
+        cfg = _fit_local_ray(cfg)
         if res.nodes > 1:
             with ray_cluster(num_gpus=res.gpus_per_node) as address:
                 cfg = dataclasses.replace(
@@ -336,6 +337,16 @@ class StageJob(submitit.helpers.Checkpointable):
             "stage %s: signal received; requeueing (finished work is kept on disk)", self.stage
         )
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _fit_local_ray(cfg: CptConfig) -> CptConfig:
+    """A local Ray started inside the job uses the job's CPUs, not every CPU of the node
+    (`parallel` is performance only: not part of any stage key)."""
+    p = cfg.parallel
+    cpus = os.environ.get("SLURM_CPUS_ON_NODE") or os.environ.get("SLURM_CPUS_PER_TASK")
+    if p.backend == "ray" and not p.address and not p.num_cpus and cpus and cpus.isdigit():
+        return dataclasses.replace(cfg, parallel=dataclasses.replace(p, num_cpus=int(cpus)))
+    return cfg
 
 
 def _job_logging() -> None:

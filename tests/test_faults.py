@@ -44,6 +44,19 @@ SMALL = [
     "generate.no_rubric=false",
     "parallel.backend=inline",
 ]
+# one shard per judgement / response, so a kill lands between shards; short training
+RUN = [
+    *SMALL,
+    "adherence.shard_size=1",
+    "adherence.max_attempts=1",
+    "train.max_steps=6",
+    "train.save_steps=2",
+    "evaluate.samples=1",
+    "evaluate.shard_size=1",
+    "evaluate.judge_max_attempts=1",
+    "evaluate.agreement_fraction=0",
+]
+DATA_STAGES = ("tasks", "generate", "sysprompts", "adherence", "pairs")
 
 
 def has_train_config() -> bool:
@@ -75,123 +88,102 @@ def receipts(d: Path) -> int:
     return len(list((d / "shards").glob("part-*.json")))
 
 
-def copy_stage(src_run: Path, dst_run: Path, stage: str, overrides: list[str]) -> None:
-    """A finished stage folder is content-keyed: the same config in another run dir may reuse it."""
-    src = stage_dir(compose(f"run_dir={src_run}", *overrides), stage)
-    dst = stage_dir(compose(f"run_dir={dst_run}", *overrides), stage)
-    assert store.is_done(src)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+def folder(run: Path, stage: str) -> Path:
+    return stage_dir(compose(f"run_dir={run}", *RUN), stage)
+
+
+def copy_stages(src_run: Path, dst_run: Path, stages: tuple[str, ...]) -> None:
+    """Finished stage folders are content-keyed: the same config in another run dir reuses them."""
+    for stage in stages:
+        src, dst = folder(src_run, stage), folder(dst_run, stage)
+        assert store.is_done(src), stage
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+
+
+def launch_killed(run: Path, stage: str, ready: Callable[[], bool], what: str) -> None:
+    """Launch `stage`, SIGKILL it once `ready()` holds (mid-stage), and check it is unfinished."""
+    proc = subprocess.Popen(
+        [*LAUNCH, f"run_dir={run}", f"stage={stage}", *RUN],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(ready, proc, what)
+    kill(proc)
+    assert not store.is_done(folder(run, stage)), f"{stage} finished before it was killed"
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted run every killed one is compared with (through evaluate if it can)."""
+    run = tmp_path_factory.mktemp("straight")
+    launch(f"run_dir={run}", f"stage={'evaluate' if has_train_config() else 'adherence'}", *RUN)
+    return run
 
 
 # ------------------------------------------------------------------ SIGKILL mid-stage
 
 
-def test_sigkill_during_adherence_then_rerun_equals_uninterrupted(tmp_path):
-    over = [*SMALL, "adherence.shard_size=1"]  # 6 judgements, one per shard
-    killed, straight = tmp_path / "killed", tmp_path / "straight"
-    launch(f"run_dir={killed}", "stage=generate", *over)
-    for stage in ("tasks", "generate"):  # the uninterrupted run judges the same generations
-        copy_stage(killed, straight, stage, over)
-    d = stage_dir(compose(f"run_dir={killed}", *over), "adherence")
-
-    proc = subprocess.Popen(
-        [*LAUNCH, f"run_dir={killed}", "stage=adherence", *over],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for(lambda: receipts(d) >= 2, proc, "two adherence shards were written")
-    kill(proc)
+def test_sigkill_during_adherence_then_rerun_equals_uninterrupted(tmp_path, straight):
+    copy_stages(straight, tmp_path, ("tasks", "generate"))  # judge the very same generations
+    d = folder(tmp_path, "adherence")
+    launch_killed(tmp_path, "adherence", lambda: receipts(d) >= 2, "two adherence shards")
     survivors = store.finished_shards(d, 6)
-    assert 2 <= len(survivors) < 6 and not store.is_done(d)
+    assert 2 <= len(survivors) < 6
     before = {i: store.shard_path(d, i).stat().st_mtime_ns for i in survivors}
 
-    launch(f"run_dir={killed}", "stage=adherence", *over)
-    launch(f"run_dir={straight}", "stage=adherence", *over)
+    launch(f"run_dir={tmp_path}", "stage=adherence", *RUN)
     m = store.read_json(d / "manifest.json")
     assert m["shards_skipped"] == len(survivors)  # finished shards were kept, not redone
     assert before == {i: store.shard_path(d, i).stat().st_mtime_ns for i in survivors}
 
     resumed = store.read_table(d).to_pylist()
-    ref = store.read_table(
-        stage_dir(compose(f"run_dir={straight}", *over), "adherence")
-    ).to_pylist()
+    ref = store.read_table(folder(straight, "adherence")).to_pylist()
     ids = [r["id"] for r in resumed]
     assert len(ids) == len(set(ids)) == 6  # nothing lost, nothing duplicated
     assert sorted(ids) == sorted(r["id"] for r in ref)
     key = ("id", "gen_id", "part_rubric", "score", "ok", "attempts", "raw")
     by_id = {r["id"]: [r[k] for k in key] for r in ref}
-    assert all([r[k] for k in key] == by_id[r["id"]] for r in resumed)  # same judgements
-    table2 = (d / "table2.md").read_text()
-    assert (
-        table2
-        == (stage_dir(compose(f"run_dir={straight}", *over), "adherence") / "table2.md").read_text()
-    )
+    assert all([r[k] for k in key] == by_id[r["id"]] for r in resumed)  # the same judgements
+    assert (d / "table2.md").read_text() == (
+        folder(straight, "adherence") / "table2.md"
+    ).read_text()
 
 
-TRAIN = [*SMALL, "train.max_steps=6", "train.save_steps=2"]
-
-
-@pytest.mark.skipif(
+needs_train = pytest.mark.skipif(
     not has_train_config(),
-    reason="CptConfig has no `train` section yet: `python jobs/launch.py stage=train` cannot run",
+    reason="CptConfig has no `train` section: `python jobs/launch.py stage=train` cannot run",
 )
-def test_sigkill_during_train_then_rerun_equals_uninterrupted(tmp_path):
-    killed, straight = tmp_path / "killed", tmp_path / "straight"
-    launch(f"run_dir={killed}", "stage=pairs", *TRAIN)
-    for stage in ("tasks", "generate", "sysprompts", "adherence", "pairs"):
-        copy_stage(killed, straight, stage, TRAIN)
-    d = stage_dir(compose(f"run_dir={killed}", *TRAIN), "train")
+
+
+@needs_train
+def test_sigkill_during_train_then_rerun_equals_uninterrupted(tmp_path, straight):
+    copy_stages(straight, tmp_path, DATA_STAGES)
+    d = folder(tmp_path, "train")
 
     def checkpointed() -> bool:
         return any((d / "checkpoints").glob("checkpoint-*/trainer_state.json"))
 
-    proc = subprocess.Popen(
-        [*LAUNCH, f"run_dir={killed}", "stage=train", *TRAIN],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for(checkpointed, proc, "the first training checkpoint")
-    kill(proc)
-    assert not store.is_done(d)
-    launch(f"run_dir={killed}", "stage=train", *TRAIN)
-    launch(f"run_dir={straight}", "stage=train", *TRAIN)
+    launch_killed(tmp_path, "train", checkpointed, "the first training checkpoint")
+    launch(f"run_dir={tmp_path}", "stage=train", *RUN)
     resumed = store.read_json(d / "manifest.json")
-    ref = store.read_json(
-        stage_dir(compose(f"run_dir={straight}", *TRAIN), "train") / "manifest.json"
-    )
+    ref = store.read_json(folder(straight, "train") / "manifest.json")
     assert resumed["resumed_from_step"] and resumed["resumed_from_step"] >= 2
     assert (Path(resumed["adapter_dir"]) / "adapter_model.safetensors").exists()
     assert resumed["final_loss"] == pytest.approx(ref["final_loss"], abs=1e-5)
 
 
-@pytest.mark.skipif(
-    not has_train_config(),
-    reason="evaluate needs the train stage, and CptConfig has no `train` section yet",
-)
-def test_sigkill_during_evaluate_then_rerun_equals_uninterrupted(tmp_path):
-    over = [*TRAIN, "evaluate.samples=1", "evaluate.shard_size=1"]
-    killed, straight = tmp_path / "killed", tmp_path / "straight"
-    launch(f"run_dir={killed}", "stage=train", *over)
-    for stage in ("tasks", "generate", "sysprompts", "adherence", "pairs", "train"):
-        copy_stage(killed, straight, stage, over)
-    d = stage_dir(compose(f"run_dir={killed}", *over), "evaluate")
-    proc = subprocess.Popen(
-        [*LAUNCH, f"run_dir={killed}", "stage=evaluate", *over],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for(lambda: receipts(d / "responses") >= 2, proc, "two evaluate response shards")
-    kill(proc)
-    assert not store.is_done(d)
-    launch(f"run_dir={killed}", "stage=evaluate", *over)
-    launch(f"run_dir={straight}", "stage=evaluate", *over)
+@needs_train
+def test_sigkill_during_evaluate_then_rerun_equals_uninterrupted(tmp_path, straight):
+    copy_stages(straight, tmp_path, (*DATA_STAGES, "train"))
+    d = folder(tmp_path, "evaluate")
+    launch_killed(tmp_path, "evaluate", lambda: receipts(d / "responses") >= 2, "two responses")
+    launch(f"run_dir={tmp_path}", "stage=evaluate", *RUN)
     resumed = store.read_table(d).to_pylist()
-    ref = store.read_table(stage_dir(compose(f"run_dir={straight}", *over), "evaluate")).to_pylist()
+    ref = store.read_table(folder(straight, "evaluate")).to_pylist()
     ids = [r["id"] for r in resumed]
-    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(r["id"] for r in ref)
+    assert ids and len(ids) == len(set(ids))  # nothing duplicated
+    assert sorted(ids) == sorted(r["id"] for r in ref)  # nothing lost
     by_id = {r["id"]: (r["response"], r["score"], r["ok"]) for r in ref}
     assert all((r["response"], r["score"], r["ok"]) == by_id[r["id"]] for r in resumed)
 

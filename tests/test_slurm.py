@@ -41,7 +41,7 @@ def _slurm_up() -> bool:
     return has_slurm()
 
 
-pytestmark = [
+needs_slurm = [
     pytest.mark.slurm,
     pytest.mark.skipif(
         not _slurm_up(),
@@ -49,6 +49,14 @@ pytestmark = [
         f"{START_SCRIPT} could not start one (see ../shared/slurm-ci/README.md)",
     ),
 ]
+
+
+def slurm_test(fn):
+    """Marked `slurm`; skipped, saying why, when no cluster answers."""
+    for mark in needs_slurm:
+        fn = mark(fn)
+    return fn
+
 
 # Small and quick: 2 tasks x 1 rubric x 3 levels, short generations, the inline runner.
 SMALL = [
@@ -278,6 +286,7 @@ def sweep(tmp_path_factory, reference, ray_job):
 # --------------------------------------------------------------------------------- tests
 
 
+@slurm_test
 def test_data_stages_run_as_a_dependent_job_graph(sweep, reference):
     rc, out = sweep["launch"]
     assert rc == 0, out[-4000:]
@@ -318,6 +327,7 @@ def test_data_stages_run_as_a_dependent_job_graph(sweep, reference):
         assert ids(stage_dir(cfg, s)) == ids(stage_dir(ref_cfg, s)), s
 
 
+@slurm_test
 def test_sweep_over_students_submits_data_stages_once(sweep):
     rc, out = sweep["launch"]
     assert rc == 0, out[-4000:]
@@ -349,6 +359,7 @@ def test_sweep_over_students_submits_data_stages_once(sweep):
             assert student in report_md
 
 
+@slurm_test
 def test_requeue_by_usr2_mid_generation_resumes_exactly_once(tmp_path, reference):
     """USR2 to a running generate job (what Slurm sends before a time limit or preemption):
     submitit checkpoints and requeues it; the re-run skips the shards finished before, and the
@@ -395,6 +406,7 @@ def sacct_history(jid: str, timeout: float = 30) -> list[dict[str, str]]:
         time.sleep(1)
 
 
+@slurm_test
 def test_failing_stage_cancels_dependents_and_status_shows_its_log(tmp_path):
     """A teacher path that exists but holds no model passes the login-node checks and fails
     inside the job: its dependents are cancelled (none left pending), wait=true exits non-zero
@@ -428,6 +440,7 @@ def test_failing_stage_cancels_dependents_and_status_shows_its_log(tmp_path):
         assert "not started" in lines[s], lines[s]
 
 
+@slurm_test
 def test_plan_prints_jobs_and_gpu_hours_and_submits_nothing(tmp_path):
     before = queue()
     over = [f"run_dir={tmp_path}", "plan=true", *small()]
@@ -450,6 +463,7 @@ def test_plan_prints_jobs_and_gpu_hours_and_submits_nothing(tmp_path):
     assert queue() <= before  # nothing submitted
 
 
+@slurm_test
 def test_ray_cluster_starts_and_stops_inside_a_slurm_job(ray_job):
     """Head-only Ray (one node) from slurm/ray_cluster.sh and from cpt.slurm.ray_cluster."""
     jid, out = ray_job
@@ -463,3 +477,73 @@ def test_ray_cluster_starts_and_stops_inside_a_slurm_job(ray_job):
     assert state.state == "COMPLETED", text[-3000:]
     assert "SHELL 1 1" in text and "PY 1 True" in text, text[-3000:]
     assert "PY_STOPPED False False" in text and "CLEAN" in text, text[-3000:]
+
+
+# ------------------------------------------------- without a cluster (not marked: run anywhere)
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_stage_job_resources_and_sbatch_flags(tmp_path, nodes):
+    """GPU stages get the profile's GPUs; CPU-only stages none; every job can be requeued and
+    is cancelled when an input fails; multi-node data stages run python in the batch shell."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    cfg = compose(f"run_dir={tmp_path}", "cluster=example_h100", f"cluster.nodes={nodes}")
+    specs = stage_specs()
+    for name, spec in specs.items():
+        params = slurm.executor_parameters(cfg, name, f"cpt-{name}", ["11", "12"])
+        text = _make_sbatch_string(command="python -m x", folder=tmp_path, **params)
+        assert "#SBATCH --dependency=afterok:11:12" in text
+        assert "#SBATCH --requeue" in text and "#SBATCH --kill-on-invalid-dep=yes" in text
+        assert "#SBATCH --account=my_project" in text and "#SBATCH --qos=normal" in text
+        assert "#SBATCH --time=1440" in text and "#SBATCH --mem=200GB" in text
+        if spec.gpu:
+            assert "#SBATCH --gpus-per-node=8" in text and "#SBATCH --cpus-per-task=96" in text
+            assert "#SBATCH --constraint=h100" in text
+        else:
+            assert "--gpus" not in text and "--constraint" not in text
+            assert "#SBATCH --cpus-per-task=12" in text
+        multi = nodes > 1 and spec.gpu and name != "train"
+        assert (f"#SBATCH --nodes={nodes}" if multi else "#SBATCH --nodes=1") in text
+        if multi:  # no srun: python (Ray head) in the batch shell, which gets the signal
+            assert "#SBATCH --signal=B:USR2@300" in text and "\nsrun " not in text
+        else:
+            assert "#SBATCH --signal=USR2@300" in text and "srun --unbuffered" in text
+    local = compose(f"run_dir={tmp_path}", "cluster=ci")
+    params = slurm.executor_parameters(local, "tasks", "cpt-tasks", [])
+    assert "dependency" not in params and "account" not in params  # unset: site default
+
+
+def test_ledger_keeps_earlier_jobs(tmp_path):
+    slurm.write_ledger(tmp_path, {"job_id": "1", "stage": "generate"})
+    slurm.write_ledger(tmp_path, {"job_id": "2", "stage": "generate"})
+    entry = slurm.read_ledger(tmp_path)
+    assert entry["job_id"] == "2" and [h["job_id"] for h in entry["history"]] == ["1"]
+
+
+def test_status_without_slurm(tmp_path, monkeypatch, capsys):
+    """Without Slurm, status shows what is on disk: done / partial (k shards) / submitted /
+    not started."""
+    import pyarrow as pa
+
+    from cpt.stages.status import print_status
+
+    monkeypatch.setattr(slurm, "have_slurm", lambda: False)
+    cfg = compose(f"run_dir={tmp_path}", *SMALL, "generate.shard_size=1")
+    tasks = stage_dir(cfg, "tasks")
+    store.write_shard(tasks, 0, pa.table({"id": ["a", "b"]}), {})
+    store.mark_done(tasks, {"key": "k", "n_shards": 1, "rows": 2, "seconds": 0.1})
+    gen = stage_dir(cfg, "generate")
+    store.write_shard(gen, 0, pa.table({"id": ["x"]}), {})
+    store.write_shard(gen, 1, pa.table({"id": ["y"]}), {})
+    slurm.write_ledger(stage_dir(cfg, "sysprompts"), {"job_id": "7", "stderr": "/x/7_0_log.err"})
+    print_status(cfg)
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
+    assert lines["tasks"].split()[1] == "done" and "2 rows" in lines["tasks"]
+    total = stage_specs()["generate"].plan(cfg)["shards<="]
+    assert lines["generate"].split()[1] == "partial" and f"2/{total} shards" in lines["generate"]
+    assert (
+        "submitted" in lines["sysprompts"] and "job 7 (no Slurm here to ask)" in lines["sysprompts"]
+    )
+    assert "/x/7_0_log.err" in lines["sysprompts"]
+    assert "not started" in lines["pairs"]
