@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cpt.engines.base import Completion, Engine, Request, Sampling
@@ -113,3 +114,52 @@ def judge_all(
         if not pending:
             break
     return [answers[it.id] for it in items], completions
+
+
+def judge_grid(
+    cfg,
+    tasks: dict[str, str],
+    responses: list[dict],
+    tag: str,
+    parts: Callable[[dict], list[tuple[str, str]]],
+    meta: Callable[[dict], dict],
+) -> list[dict]:
+    """Judge work rows: one per (response, rubric part), the prompt holding the full rubric,
+    the task and the response between per-row nonce delimiters. `parts` gives a response's
+    (rubric, level) parts; `meta` the columns carried to the output row."""
+    from cpt.generation import work_row
+    from cpt.prompts import judge_messages, judge_nonce, load_selected_rubrics
+    from cpt.store import content_hash
+
+    rubrics = {r.name: r for r in load_selected_rubrics(cfg)}
+    rows = []
+    for g in responses:
+        for part_rubric, part_level in parts(g):
+            msgs = judge_messages(
+                cfg.prompts,
+                rubrics[part_rubric],
+                tasks[g["task_id"]],
+                g["text"],
+                judge_nonce(g["id"], part_rubric),
+            )
+            rows.append(
+                work_row(
+                    content_hash([tag, g["id"], part_rubric]),
+                    msgs,
+                    cfg.seed,
+                    gen_id=g["id"],
+                    task_id=g["task_id"],
+                    rubric=g["rubric"],
+                    level=g["level"],
+                    part_rubric=part_rubric,
+                    part_level=part_level,
+                    sample_idx=g["sample_idx"],
+                    **meta(g),
+                )
+            )
+    return rows
+
+
+def condition_parts(response: dict) -> list[tuple[str, str]]:
+    """The (rubric, level) parts of a response's condition ('a+b', 'low|moderate')."""
+    return list(zip(response["rubric"].split("+"), response["level"].split("|")))

@@ -14,9 +14,10 @@ import pyarrow as pa
 
 from cpt import store
 from cpt.config import CptConfig, JudgingConfig
-from cpt.generation import JudgeFactory, run_rows, work_row
+from cpt.generation import JudgeFactory, run_rows
+from cpt.judge import condition_parts, judge_grid
 from cpt.pipeline import StageContext
-from cpt.prompts import judge_messages, judge_nonce, load_selected_rubrics
+from cpt.prompts import load_selected_rubrics
 
 
 def params(cfg: CptConfig) -> dict[str, Any]:
@@ -35,39 +36,14 @@ def judge_factory(cfg: CptConfig, judging: JudgingConfig) -> JudgeFactory:
 
 
 def work_grid(cfg: CptConfig, tasks: dict[str, str], gens: list[dict]) -> list[dict]:
-    rubrics = {r.name: r for r in load_selected_rubrics(cfg)}
-    singles = cfg.rubrics.include or sorted(rubrics)
-    rows = []
-    for g in gens:
+    singles = cfg.rubrics.include or sorted(r.name for r in load_selected_rubrics(cfg))
+
+    def parts(g: dict) -> list[tuple[str, str]]:
         if g["kind"] == "no_rubric":  # the baseline is scored against every single rubric
-            parts = [(name, "") for name in singles]
-        else:
-            parts = list(zip(g["rubric"].split("+"), g["level"].split("|")))
-        for part_rubric, part_level in parts:
-            rid = store.content_hash(["adh", g["id"], part_rubric])
-            msgs = judge_messages(
-                cfg.prompts,
-                rubrics[part_rubric],
-                tasks[g["task_id"]],
-                g["text"],
-                judge_nonce(g["id"], part_rubric),
-            )
-            rows.append(
-                work_row(
-                    rid,
-                    msgs,
-                    cfg.seed,
-                    gen_id=g["id"],
-                    task_id=g["task_id"],
-                    rubric=g["rubric"],
-                    level=g["level"],
-                    part_rubric=part_rubric,
-                    part_level=part_level,
-                    kind=g["kind"],
-                    sample_idx=g["sample_idx"],
-                )
-            )
-    return rows
+            return [(name, "") for name in singles]
+        return condition_parts(g)
+
+    return judge_grid(cfg, tasks, gens, "adh", parts, lambda g: {"kind": g["kind"]})
 
 
 def table2(cfg: CptConfig, rows: list[dict]) -> pa.Table:

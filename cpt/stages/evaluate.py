@@ -15,11 +15,10 @@ from typing import Any
 from cpt import store
 from cpt.config import CptConfig
 from cpt.generation import GenerateFactory, JudgeFactory, run_rows, work_row
+from cpt.judge import condition_parts, judge_grid
 from cpt.pipeline import StageContext
 from cpt.prompts import (
     conditions,
-    judge_messages,
-    judge_nonce,
     load_selected_rubrics,
     student_messages,
 )
@@ -76,40 +75,6 @@ def response_grid(cfg: CptConfig, tasks: list[dict], sysprompts: dict, adapter: 
     return rows
 
 
-def judge_grid(cfg: CptConfig, tasks: dict[str, str], responses: list[dict]) -> list[dict]:
-    rubrics = {r.name: r for r in load_selected_rubrics(cfg)}
-    rows = []
-    for g in responses:
-        for part_rubric, part_level in zip(g["rubric"].split("+"), g["level"].split("|")):
-            rid = store.content_hash(["evaljudge", g["id"], part_rubric])
-            msgs = judge_messages(
-                cfg.prompts,
-                rubrics[part_rubric],
-                tasks[g["task_id"]],
-                g["text"],
-                judge_nonce(g["id"], part_rubric),
-            )
-            rows.append(
-                work_row(
-                    rid,
-                    msgs,
-                    cfg.seed,
-                    gen_id=g["id"],
-                    student=g["student"],
-                    model=g["model"],
-                    task_id=g["task_id"],
-                    rubric=g["rubric"],
-                    level=g["level"],
-                    part_rubric=part_rubric,
-                    part_level=part_level,
-                    sample_idx=g["sample_idx"],
-                    response=g["text"],
-                    generation_ok=g["ok"],
-                )
-            )
-    return rows
-
-
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     tasks = store.read_table(ctx.inputs["tasks"]).to_pylist()
@@ -128,7 +93,19 @@ def run(ctx: StageContext) -> dict[str, Any]:
         label=f"evaluate[{cfg.student.name}] generate",
     )
     responses = store.read_shards(responses_dir, gen_stats.n_shards).to_pylist()
-    judge_rows = judge_grid(cfg, {t["id"]: t["text"] for t in tasks}, responses)
+    judge_rows = judge_grid(
+        cfg,
+        {t["id"]: t["text"] for t in tasks},
+        responses,
+        "evaljudge",
+        condition_parts,
+        lambda g: {
+            "student": g["student"],
+            "model": g["model"],
+            "response": g["text"],
+            "generation_ok": g["ok"],
+        },
+    )
     factory = JudgeFactory(
         cfg.judge, cfg.engine, cfg.prompts.judge_repair, cfg.evaluate.judge_max_attempts
     )
