@@ -575,6 +575,13 @@ def wait_for(cfg: CptConfig, subs: list[Submitted], poll_s: float = 3.0) -> None
 # -------------------------------------------------------------------------- plan
 
 
+def format_work(info: dict[str, Any]) -> str:
+    """A stage's StageSpec.plan as text: `rows<=42, shards<=2, filter=False`."""
+    return ", ".join(
+        f"{k}{v}" if str(k).endswith(("<=", ">=")) else f"{k}={v}" for k, v in info.items()
+    )
+
+
 def plan_jobs(cfg: CptConfig) -> str:
     """What `submit_pipeline` would submit: jobs, resources, dependencies, GPU-hours."""
     from cpt.pipeline import selected_stages, stage_dir
@@ -582,42 +589,35 @@ def plan_jobs(cfg: CptConfig) -> str:
     cfg = _absolute(cfg)
     specs = _specs()
     c = cfg.cluster
-    lines = [
-        f"run_dir: {cfg.run_dir}",
-        f"cluster: {c.name} (partition {c.partition or '-'}, account {c.account or '-'}, "
-        f"qos {c.qos or '-'}); nothing is submitted (plan=true)",
-        f"{'stage':<12}{'action':<18}{'resources':<40}{'after':<26}work",
-    ]
-    actions: dict[str, str] = {}
+    rows = [("stage", "action", "resources", "afterok", "work")]
+    jobs: dict[str, str] = {}  # stage -> "" (new job) or the id of its job in flight
     n_jobs, gpu_hours = 0, 0.0
     for name in selected_stages(cfg):
         out = stage_dir(cfg, name)
         res = stage_resources(cfg, name)
-        if store.is_done(out) and not _always_run(specs[name]):
-            actions[name] = "done"
-            lines.append(f"{name:<12}{'done':<18}{'-':<40}{'-':<26}{out}")
+        always = _always_run(specs[name])
+        if store.is_done(out) and not always:
+            rows.append((name, "done", "-", "-", str(out)))
             continue
         entry, state = _in_flight_job(out) if have_slurm() else (None, None)
-        if entry and state is not None and state.in_flight and not _always_run(specs[name]):
-            actions[name] = f"job {state.job_id}"
-            action = f"in flight {state.job_id}"
+        if entry and state is not None and state.in_flight and not always:
+            jobs[name], action = state.job_id, f"in flight {state.job_id}"
         else:
-            actions[name] = "new"
-            action = "submit"
+            jobs[name], action = "", "submit"
             n_jobs += 1
             gpu_hours += res.gpu_hours
-        after = [
-            f"{dep}({actions[dep]})"
-            for dep in specs[name].needs
-            if actions.get(dep, "done") != "done"
-        ]
-        work = ", ".join(f"{k}={v}" for k, v in specs[name].plan(cfg).items())
-        lines.append(
-            f"{name:<12}{action:<18}{res.describe():<40}"
-            f"{('afterok:' + ','.join(after)) if after else '-':<26}{work}"
-        )
-    lines.append(f"jobs to submit: {n_jobs}")
-    lines.append(f"GPU-hours (upper bound, GPUs x time limit of each new job): {gpu_hours:.1f}")
+        after = [f"{d}({jobs[d]})" if jobs[d] else d for d in specs[name].needs if d in jobs]
+        work = format_work(specs[name].plan(cfg))
+        rows.append((name, action, res.describe(), ",".join(after) or "-", work))
+    widths = [max(len(r[i]) for r in rows) + 2 for i in range(4)]
+    lines = [
+        f"run_dir: {cfg.run_dir}",
+        f"cluster: {c.name} (partition {c.partition or '-'}, account {c.account or '-'}, "
+        f"qos {c.qos or '-'}); plan only, nothing is submitted",
+        *("".join(f"{v:<{w}}" for v, w in zip(r[:4], widths)) + r[4] for r in rows),
+        f"jobs to submit: {n_jobs}",
+        f"GPU-hours (upper bound, GPUs x time limit of each new job): {gpu_hours:.1f}",
+    ]
     return "\n".join(lines)
 
 
