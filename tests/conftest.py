@@ -68,7 +68,9 @@ def ray_local():
     from cpt.parallel import init_ray
 
     # Ray workers unpickle test-defined worker factories by module name
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]
+    )
     init_ray(num_cpus=2)
     yield
     ray.shutdown()

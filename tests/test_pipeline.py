@@ -52,8 +52,9 @@ def test_generate_grid(run_dir):
     rows = store.read_table(folder(run_dir, "generate")).to_pylist()
     kinds = Counter(r["kind"] for r in rows)
     assert kinds == {"rubric": 4 * 2 * 3, "no_rubric": 4}  # tasks x rubrics x levels (+ baseline)
-    assert all(r["completion_tokens"] > 0 and r["finish_reason"] in ("stop", "length")
-               for r in rows)
+    assert all(
+        r["completion_tokens"] > 0 and r["finish_reason"] in ("stop", "length") for r in rows
+    )
     assert {r["level"] for r in rows if r["kind"] == "rubric"} == set(cfg.levels.names)
     first = json.loads(rows[0]["messages"])
     assert first[0]["role"] == "user"
@@ -70,7 +71,10 @@ def test_rerun_is_a_noop(run_dir):
 def test_adherence_table2(run_dir):
     d = folder(run_dir, "adherence")
     text = (d / "table2.md").read_text()
-    assert "| teacher | rubric | no rubric | low | moderate | extremely high | judge failures |" in text
+    assert (
+        "| teacher | rubric | no rubric | low | moderate | extremely high | judge failures |"
+        in text
+    )
     rows = store.read_table(d).to_pylist()
     assert len(rows) == 4 * 2 * 3 + 4 * 2  # each generation once; baseline x each rubric
     for r in rows:
@@ -98,21 +102,31 @@ def test_pairs_load_with_datasets(run_dir):
     import datasets
 
     d = folder(run_dir, "pairs")
-    ds = datasets.load_dataset("parquet", data_files={
-        "train": str(store.shard_path(d, 0)), "test": str(store.shard_path(d, 1))})
+    ds = datasets.load_dataset(
+        "parquet",
+        data_files={"train": str(store.shard_path(d, 0)), "test": str(store.shard_path(d, 1))},
+    )
     assert set(ds) == {"train", "test"}
     row = ds["train"][0]
     assert row["prompt"][0]["role"] == "system" and row["chosen"][0]["role"] == "assistant"
     assert len(ds["train"]) + len(ds["test"]) == len(store.read_table(d))
-    assert "| split | rubric | chosen level | rejected level | rows |" in (d / "README.md").read_text()
+    assert (
+        "| split | rubric | chosen level | rejected level | rows |" in (d / "README.md").read_text()
+    )
 
 
 def test_judge_failures_are_retried_then_counted(tmp_path):
     """A judge cut off after 6 tokens cannot finish its JSON: every judgement fails after
     its retries and is counted, in the manifest and in Table 2, never scored."""
-    over = [f"run_dir={tmp_path}", "tasks.num_tasks=2", "rubrics.include=[concision]",
-            "generate.no_rubric=false", "judge.sampling.max_new_tokens=6",
-            "adherence.max_attempts=2", "parallel.backend=inline"]
+    over = [
+        f"run_dir={tmp_path}",
+        "tasks.num_tasks=2",
+        "rubrics.include=[concision]",
+        "generate.no_rubric=false",
+        "judge.sampling.max_new_tokens=6",
+        "adherence.max_attempts=2",
+        "parallel.backend=inline",
+    ]
     launch("stage=adherence", *over)
     d = stage_dir(compose(*over), "adherence")
     rows = store.read_table(d).to_pylist()
@@ -121,8 +135,12 @@ def test_judge_failures_are_retried_then_counted(tmp_path):
     assert f"| {len(rows)} |" in (d / "table2.md").read_text().splitlines()[-1]
 
 
-GEN = ["tasks.num_tasks=3", "rubrics.include=[concision,humour]",
-       "generate.shard_size=2", "parallel.backend=inline"]
+GEN = [
+    "tasks.num_tasks=3",
+    "rubrics.include=[concision,humour]",
+    "generate.shard_size=2",
+    "parallel.backend=inline",
+]
 
 
 def test_generate_is_deterministic(tmp_path):
@@ -139,8 +157,13 @@ def test_generate_is_deterministic(tmp_path):
 
 
 def test_sigkill_mid_generation_then_rerun_loses_and_duplicates_nothing(tmp_path):
-    args = [sys.executable, str(REPO / "jobs/launch.py"), f"run_dir={tmp_path}",
-            "stage=generate", *GEN]
+    args = [
+        sys.executable,
+        str(REPO / "jobs/launch.py"),
+        f"run_dir={tmp_path}",
+        "stage=generate",
+        *GEN,
+    ]
     cfg = compose(f"run_dir={tmp_path}", *GEN)
     d = stage_dir(cfg, "generate")
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -167,8 +190,13 @@ def test_sigkill_mid_generation_then_rerun_loses_and_duplicates_nothing(tmp_path
 def test_sweep_over_students_shares_data_stages_and_reports_both(run_dir):
     """The whole pipeline as a multirun over two students (one without a system role):
     data stages run once, one adapter and one evaluation per student, one report."""
-    sweep = [f"run_dir={run_dir}", *FAST, "evaluate.samples=2",
-             "evaluate.agreement_fraction=0.5", "report.n_boot=50"]
+    sweep = [
+        f"run_dir={run_dir}",
+        *FAST,
+        "evaluate.samples=2",
+        "evaluate.agreement_fraction=0.5",
+        "report.n_boot=50",
+    ]
     launch("-m", "student=tiny,tiny_nosys", *sweep)
     assert len(list((run_dir / "generate").iterdir())) == 1  # shared by both students
     trains = sorted(p.name.split("-")[0] for p in (run_dir / "train").iterdir())
@@ -188,6 +216,7 @@ def test_sweep_over_students_shares_data_stages_and_reports_both(run_dir):
     # re-render from the run folder alone: nothing is recomputed
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "evaluate").rglob("*") if p.is_file()}
     launch("stage=report", f"run_dir={run_dir}")
-    assert before == {p: p.stat().st_mtime_ns
-                      for p in (run_dir / "evaluate").rglob("*") if p.is_file()}
+    assert before == {
+        p: p.stat().st_mtime_ns for p in (run_dir / "evaluate").rglob("*") if p.is_file()
+    }
     assert "| tiny_nosys |" in (run_dir / "report" / "report.md").read_text()
