@@ -5,12 +5,14 @@ finished stage's manifest (`seconds`: the stage's own wall time, from lock to _S
 shows it as a share of the launch's wall time. What is left over ("outside stages") is
 process start, imports, config composition and the graph walk.
 
-    python -m benchmarks.bench_pipeline            # the default pipeline (tiny models, Ray)
-    python -m benchmarks.bench_pipeline --quick    # 2 tasks, 1 rubric, inline backend
+    python -m benchmarks.bench_pipeline                 # the default pipeline (tiny models, Ray)
+    python -m benchmarks.bench_pipeline --quick         # data stages: 2 tasks, 1 rubric, inline
+    python -m benchmarks.bench_pipeline --quick --all   # every stage at the quick sizes
 
-The quick mode changes only sizes and the backend: the same stages run, in the same order.
-Stages that the composed config cannot run yet (no `train` section in `CptConfig`) are left
-out, and the table says so.
+The quick mode runs the data stages (tasks .. pairs) at small sizes without Ray, to stay
+inside the CI budget; train, evaluate and report add about a minute on 2 cores (`--all`).
+Stages that the composed config cannot run (no `train` section in `CptConfig`) are left out,
+and the table says so.
 """
 
 from __future__ import annotations
@@ -80,14 +82,21 @@ def plan_cost(run_dir: Path, overrides: list[str]) -> tuple[float, int]:
         yaml.safe_load = safe_load
 
 
-def main(quick: bool = False, extra: list[str] | None = None) -> dict[str, Any]:
+def main(
+    quick: bool = False, extra: list[str] | None = None, all_stages: bool = False
+) -> dict[str, Any]:
     from cpt.config import CptConfig
     from cpt.pipeline import pipeline_order
 
     has_train = "train" in {f.name for f in dataclasses.fields(CptConfig)}
     overrides = list(QUICK if quick else [])
     notes = []
-    if has_train:
+    if has_train and quick and not all_stages:
+        overrides.append("stage=pairs")
+        notes.append(
+            "--quick: data stages only (train, evaluate and report: full mode, or --quick --all)"
+        )
+    elif has_train:
         overrides += QUICK_TRAIN if quick else []
     else:
         overrides.append("stage=pairs")
@@ -160,7 +169,8 @@ def main(quick: bool = False, extra: list[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 tasks, 1 rubric, inline backend")
+    ap.add_argument("--all", action="store_true", help="with --quick: every stage, not only data")
     ap.add_argument("--json", help="also write the result here (for benchmarks.run)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the launch")
     ns = ap.parse_args()
-    sys.exit(finish(main(ns.quick, ns.overrides), ns.json))
+    sys.exit(finish(main(ns.quick, ns.overrides, all_stages=ns.all), ns.json))

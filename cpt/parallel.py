@@ -68,8 +68,20 @@ def plan_shards(ids: Sequence[str], shard_size: int) -> list[list[int]]:
     return [order[i : i + shard_size] for i in range(0, len(order), shard_size)]
 
 
+def _valid_text(value: Any) -> Any:
+    """Model text is data: lone surrogates (from JSON escapes or bad bytes) cannot be stored
+    as UTF-8, so they become U+FFFD instead of failing the whole shard."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value
+
+
 def write_rows(out_dir: Path, index: int, rows: list[Row], stats: dict[str, Any]) -> dict:
     """One shard from output rows (the first key of each row must be `id`)."""
+    rows = [{k: _valid_text(v) for k, v in r.items()} for r in rows]
     table = pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string())})
     stats = {
         **stats,

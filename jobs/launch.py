@@ -20,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from cpt import pipeline
 from cpt.config import ConfigError, register_configs, to_config
+from cpt.rubric import RubricError
 from cpt.store import StoreError
+from cpt.tasks import TaskError
 
 register_configs()
 
@@ -30,7 +32,12 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("cpt").setLevel(logging.INFO)
     try:
         pipeline.run(to_config(cfg))
-    except (ConfigError, StoreError) as exc:  # a clear one-line error, not a traceback wall
+    except (
+        ConfigError,
+        StoreError,
+        RubricError,
+        TaskError,
+    ) as exc:  # a clear one-line error, not a traceback wall
         sys.exit(f"cpt: error: {exc}")
 
 
