@@ -305,7 +305,8 @@ def test_two_launches_of_the_same_stage_at_once(tmp_path):
         subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
-    results = [(p.wait(timeout=600), p.communicate()[1]) for p in procs]
+    errs = [p.communicate(timeout=600)[1] for p in procs]  # reads the pipes: no deadlock
+    results = [(p.returncode, err) for p, err in zip(procs, errs)]
     codes = sorted(rc for rc, _ in results)
     assert codes in ([0, 0], [0, 1]), results
     for rc, err in results:
