@@ -116,7 +116,7 @@ def write_results(
     lines = [
         "# cpt benchmark results",
         "",
-        f"Written by `python -m benchmarks {' '.join(argv)}`".rstrip() + f" ({mode} mode) on "
+        f"Written by `{' '.join(['python -m benchmarks', *argv])}` ({mode} mode) on "
         f"{info['date']}, commit `{commit}`, in {wall:.0f} s. Every ratio compares paths measured "
         "side by side in this one run, on this machine; re-run to refresh.",
         "",
@@ -147,7 +147,8 @@ def write_results(
     for r in records:
         res = r.get("result")
         title = res["title"] if res else f"bench_{r['name']}"
-        lines += [f"## {r['name']}: {title}", ""]
+        heading = title if title.startswith(f"{r['name']}:") else f"{r['name']}: {title}"
+        lines += [f"## {heading}", ""]
         if r["status"] == "skipped":
             lines += [f"Skipped: {r.get('reason', '')}.", ""]
             continue

@@ -194,10 +194,11 @@ def test_sweep_over_students_shares_data_stages_and_reports_both(run_dir):
         f"run_dir={run_dir}",
         *FAST,
         "evaluate.samples=2",
+        "parallel.backend=inline",  # Ray is covered by the fixture run; this one is long
         "evaluate.agreement_fraction=0.5",
         "report.n_boot=50",
     ]
-    launch("-m", "student=tiny,tiny_nosys", *sweep)
+    launch("-m", "student=tiny,tiny_nosys", *sweep, timeout=1800)
     assert len(list((run_dir / "generate").iterdir())) == 1  # shared by both students
     trains = sorted(p.name.split("-")[0] for p in (run_dir / "train").iterdir())
     assert trains == ["tiny", "tiny_nosys"]
