@@ -187,6 +187,7 @@ def test_sigkill_mid_generation_then_rerun_loses_and_duplicates_nothing(tmp_path
     assert len(ids) == n_total and len(set(ids)) == n_total  # none missing, none duplicated
 
 
+@pytest.mark.timeout(2400)
 def test_sweep_over_students_shares_data_stages_and_reports_both(run_dir):
     """The whole pipeline as a multirun over two students (one without a system role):
     data stages run once, one adapter and one evaluation per student, one report."""
