@@ -11,9 +11,11 @@ takes a condition, so single and composed rubrics go through the same code.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from cpt.config import CptConfig, LevelConfig, LevelsConfig, PromptsConfig, resolve_path
 from cpt.rubric import Rubric, load_rubrics
@@ -75,9 +77,22 @@ def level_band(levels: LevelsConfig, level: LevelConfig) -> str:
     return f"{lo:g}-{level.upper:g}"
 
 
+def _mtimes(path: Path) -> tuple:
+    files = sorted(path.glob("*.y*ml")) if path.is_dir() else [path]
+    return tuple((f.name, f.stat().st_mtime_ns) for f in files if f.exists())
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_rubrics(path: str, mtimes: tuple) -> tuple[Rubric, ...]:
+    """Rubric files parsed once per process (stage keys ask for them many times); an
+    edited file changes `mtimes` and is read again."""
+    return tuple(load_rubrics(path))
+
+
 def load_selected_rubrics(cfg: CptConfig) -> list[Rubric]:
     """The rubrics under rubrics.path, restricted to rubrics.include (in that order)."""
-    rubrics = {r.name: r for r in load_rubrics(resolve_path(cfg.rubrics.path))}
+    path = resolve_path(cfg.rubrics.path)
+    rubrics = {r.name: r for r in _cached_rubrics(str(path), _mtimes(path))}
     names = cfg.rubrics.include or sorted(rubrics)
     unknown = [n for n in names if n not in rubrics]
     for combo in cfg.rubrics.combos:
