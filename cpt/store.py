@@ -192,6 +192,10 @@ def finished_shards(stage_dir: Path, n_shards: int, verify: bool = True) -> dict
     A corrupt or half-written shard is removed here so that it is redone, never read.
     """
     done = {}
+    # temp files of writers killed mid-write (callers hold the stage lock: none is live)
+    for tmp in (Path(stage_dir) / "shards").glob(f".{SHARD_PREFIX}*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
     for i in range(n_shards):
         receipt = shard_receipt(stage_dir, i, verify=verify)
         if receipt is None:

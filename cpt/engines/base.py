@@ -75,3 +75,15 @@ def fold_system(
         rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
         return rest
     return [{"role": "user", "content": system}, *rest]
+
+
+def error_completion(req: Request, message: str, prompt_tokens: int = 0) -> Completion:
+    """A failed request as a completion (finish_reason "error"): counted, never raised."""
+    return Completion(
+        id=req.id,
+        text="",
+        prompt_tokens=prompt_tokens,
+        completion_tokens=0,
+        finish_reason="error",
+        error=message,
+    )

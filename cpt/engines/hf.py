@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import transformers
 
 from cpt.engines import adapter_name, group_key, request_seed
-from cpt.engines.base import Completion, Request, fold_system
+from cpt.engines.base import Completion, Request, error_completion, fold_system
 from cpt.engines.schema import compile_json_schema, schema_text
 from cpt.models.tiny import resolve_model_path
 
@@ -119,10 +119,12 @@ class HFEngine:
             try:
                 prompts[i] = self._prompt_ids(req)
             except Exception as exc:
-                done[i] = _error(req, f"chat template failed: {exc}" + _template_hint(exc))
+                done[i] = error_completion(
+                    req, f"chat template failed: {exc}" + _template_hint(exc)
+                )
                 continue
             if len(prompts[i]) >= self.model_cfg.max_model_len:
-                done[i] = _error(
+                done[i] = error_completion(
                     req,
                     f"prompt has {len(prompts[i])} tokens, max_model_len is "
                     f"{self.model_cfg.max_model_len}",
@@ -145,7 +147,7 @@ class HFEngine:
                         "hf batch of %d requests failed (first id %s)", len(reqs), reqs[0].id
                     )
                     outs = [
-                        _error(r, f"{type(exc).__name__}: {exc}", len(prompts[i]))
+                        error_completion(r, f"{type(exc).__name__}: {exc}", len(prompts[i]))
                         for r, i in zip(reqs, chunk)
                     ]
                 done.update(zip(chunk, outs))
@@ -319,17 +321,6 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
-
-
-def _error(req: Request, message: str, prompt_tokens: int = 0) -> Completion:
-    return Completion(
-        id=req.id,
-        text="",
-        prompt_tokens=prompt_tokens,
-        completion_tokens=0,
-        finish_reason="error",
-        error=message,
-    )
 
 
 def _template_hint(exc: Exception) -> str:

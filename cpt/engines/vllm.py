@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cpt.engines import adapter_name, request_seed
-from cpt.engines.base import Completion, Request, fold_system
+from cpt.engines.base import Completion, Request, error_completion, fold_system
 from cpt.engines.schema import schema_text
 from cpt.models.tiny import resolve_model_path
 
@@ -126,18 +126,18 @@ class VLLMEngine:
             try:
                 ids = self._prompt_ids(req)
             except Exception as exc:
-                done[i] = _error(req, f"chat template failed: {exc}")
+                done[i] = error_completion(req, f"chat template failed: {exc}")
                 continue
             room = self.model_cfg.max_model_len - len(ids)
             if room <= 0:
-                done[i] = _error(
+                done[i] = error_completion(
                     req,
                     f"prompt has {len(ids)} tokens, max_model_len is "
                     f"{self.model_cfg.max_model_len}",
                     len(ids),
                 )
             elif req.adapter and (problem := self._adapter_problem(req.adapter)):
-                done[i] = _error(req, problem, len(ids))
+                done[i] = error_completion(req, problem, len(ids))
             else:
                 todo.append(
                     (i, {"prompt_token_ids": ids}, self._params(req, room), self._lora(req.adapter))
@@ -177,7 +177,7 @@ class VLLMEngine:
                 i = todo[0][0]
                 log.error("vllm: request %s failed: %s", requests[i].id, exc)
                 return {
-                    i: _error(
+                    i: error_completion(
                         requests[i],
                         f"{type(exc).__name__}: {exc}",
                         len(todo[0][1]["prompt_token_ids"]),
@@ -261,14 +261,3 @@ class VLLMEngine:
         if path not in self._lora_ids:
             self._lora_ids[path] = len(self._lora_ids) + 1  # vLLM ids start at 1
         return LoRARequest(adapter_name(path), self._lora_ids[path], path)
-
-
-def _error(req: Request, message: str, prompt_tokens: int = 0) -> Completion:
-    return Completion(
-        id=req.id,
-        text="",
-        prompt_tokens=prompt_tokens,
-        completion_tokens=0,
-        finish_reason="error",
-        error=message,
-    )

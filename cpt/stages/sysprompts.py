@@ -99,4 +99,6 @@ def load_system_prompts(cfg: CptConfig, stage_dir) -> tuple[dict[tuple[str, str]
 
 def pick(prompts: list[str], *key: Any) -> str:
     """One paraphrase for a (task, condition): seeded by the key, stable across runs."""
+    if len(prompts) == 1:  # no hash needed (pairs calls this per row)
+        return prompts[0]
     return prompts[int(store.content_hash(list(key), 8), 16) % len(prompts)]
