@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_engines import GREEDY, JUDGE_SCHEMA, chat  # shared with the HF engine tests
 
 from cpt.config import DType, EngineConfig, EngineKind, ModelConfig
 from cpt.engines import Request, Sampling, adapter_name, build_engine
@@ -40,22 +41,6 @@ pytestmark = [
         "install the [gpu] or [cpu-vllm] extra to run these tests",
     ),
 ]
-
-JUDGE_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "critique": {"type": "string", "maxLength": 300},
-        "score": {"type": "integer", "minimum": 0, "maximum": 100},
-    },
-    "required": ["critique", "score"],
-    "additionalProperties": False,
-}
-GREEDY = Sampling(max_new_tokens=12, temperature=0.0)
-
-
-def chat(user: str, system: str | None = None) -> tuple[dict[str, str], ...]:
-    msgs = [{"role": "system", "content": system}] if system else []
-    return (*msgs, {"role": "user", "content": user})
 
 
 @pytest.fixture(scope="module")
