@@ -52,6 +52,11 @@ class EngineKind(enum.Enum):
     openai = "openai"  # any OpenAI-compatible server (e.g. a vLLM server job)
 
 
+class ModelKind(enum.Enum):
+    model = "model"  # a language model run by an engine
+    program = "program"  # a registered Python function (cpt.program_judges); judges only
+
+
 class DType(enum.Enum):
     auto = "auto"
     float32 = "float32"
@@ -102,6 +107,10 @@ class ModelConfig:
     engine (`EngineKind` or None): per-model override of `engine.kind`.
     base_url (`str`): OpenAI-compatible endpoint, for `engine=openai`.
     sampling (`SamplingConfig`): defaults for this model's generations.
+    kind (`ModelKind`): `model`, or `program` for a judge that scores with a registered
+        Python function (`cpt.program_judges`) instead of a model; `path` is then unused.
+    program (`str`): with `kind: program`, the program for every rubric; empty = each
+        rubric's own (the program registered under the rubric's name).
     """
 
     name: str = MISSING
@@ -116,9 +125,20 @@ class ModelConfig:
     engine: EngineKind | None = None
     base_url: str = ""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    kind: ModelKind = ModelKind.model
+    program: str = ""
 
     def __post_init__(self) -> None:
         check(bool(self.name.strip()), "model.name", "must not be empty")
+        self.kind = ModelKind(self.kind)
+        if self.kind is ModelKind.program and self.program:
+            from cpt.program_judges import REGISTRY
+
+            check(
+                self.program in REGISTRY,
+                f"{self.name}.program",
+                f"unknown program judge {self.program!r} (known: {', '.join(sorted(REGISTRY))})",
+            )
         check(bool(self.path.strip()), f"{self.name}.path", "must not be empty")
         check(
             self.tensor_parallel_size >= 1,
@@ -542,6 +562,10 @@ def validate(cfg: CptConfig) -> list[str]:
     problems = []
     for role in ("teacher", "judge", "student"):
         m: ModelConfig = getattr(cfg, role)
+        if m.kind is ModelKind.program:
+            if role != "judge":
+                problems.append(f"{role}.kind: program is for judges only (set {role}.kind=model)")
+            continue
         if m.is_builtin:
             from cpt.models.tiny import VARIANTS
 

@@ -6,6 +6,9 @@ Three engines, one `Engine` protocol (`cpt.engines.base`):
     vllm    `cpt.engines.vllm.VLLMEngine`      offline `vllm.LLM`; LoRA via `LoRARequest`; the cluster default
     openai  `cpt.engines.openai.OpenAIEngine`  any OpenAI-compatible server (e.g. a vLLM server job)
 
+A judge with `kind: program` gets `cpt.engines.program.ProgramEngine` whatever the engine kind:
+a registered Python function answers the judge prompt with the same JSON a model would.
+
 Importing this package imports neither torch nor vllm; `build_engine` imports the one it needs.
 
 Behaviour every engine shares:
@@ -51,8 +54,12 @@ def build_engine(model: ModelConfig, engine: EngineConfig, **options: Any) -> En
             Only vLLM cares (it reserves LoRA slots up front); None means `engine.max_loras > 0`.
             hf and openai serve adapters either way.
     """
-    from cpt.config import EngineKind
+    from cpt.config import EngineKind, ModelKind
 
+    if ModelKind(model.kind) is ModelKind.program:
+        from cpt.engines.program import ProgramEngine
+
+        return ProgramEngine(model, engine, **options)
     kind = model.engine or engine.kind
     if isinstance(kind, str):
         kind = EngineKind(kind)
