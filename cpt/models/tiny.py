@@ -13,15 +13,11 @@ Build: ``python -m cpt.models.tiny [variant ...]`` prints the folder(s).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cpt.models.cache import build_once, cache_root
 from cpt.store import content_hash, file_sha256
 
 BUILDER_VERSION = 2  # bump when the recipe below changes, so caches are rebuilt
@@ -61,10 +57,6 @@ class TinySpec:
 VARIANTS = {"tiny": TinySpec(system_role=True), "tiny_nosys": TinySpec(system_role=False)}
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("CPT_CACHE_DIR", Path.home() / ".cache" / "cpt")) / "models"
-
-
 def tiny_model_dir(variant: str = "tiny", cache_dir: str | Path | None = None) -> Path:
     """Folder of the tiny model ``variant``, built on first use (safe under concurrency)."""
     if variant not in VARIANTS:
@@ -74,21 +66,7 @@ def tiny_model_dir(variant: str = "tiny", cache_dir: str | Path | None = None) -
         {"v": BUILDER_VERSION, "spec": asdict(spec), "corpus": file_sha256(CORPUS)}, 12
     )
     root = Path(cache_dir) if cache_dir else cache_root()
-    target = root / f"{variant}-{key}"
-    if (target / "model.safetensors").exists():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{variant}-{key}.lock", "w") as lock:
-        fcntl.lockf(lock, fcntl.LOCK_EX)  # one builder; the others wait, then reuse
-        if not (target / "model.safetensors").exists():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{variant}-", dir=root))
-            try:
-                _build(spec, tmp)
-                os.replace(tmp, target)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    shutil.rmtree(tmp)
-    return target
+    return build_once(root / f"{variant}-{key}", lambda out: _build(spec, out), "model.safetensors")
 
 
 def _build_tokenizer(spec: TinySpec):
@@ -145,13 +123,6 @@ def _build(spec: TinySpec, out: Path) -> None:
         eos_token_id=eos, pad_token_id=pad, bos_token_id=eos, do_sample=False
     )
     model.save_pretrained(out, safe_serialization=True)
-
-
-def resolve_model_path(path: str) -> str:
-    """`builtin:<variant>` -> the built folder; anything else unchanged."""
-    if path.startswith("builtin:"):
-        return str(tiny_model_dir(path.removeprefix("builtin:")))
-    return path
 
 
 if __name__ == "__main__":
