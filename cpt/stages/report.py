@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from cpt import metrics, report, store
+from cpt import calibration, metrics, report, store
 from cpt.config import CptConfig
 from cpt.pipeline import StageContext
 
@@ -37,7 +37,7 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir).absolute()
     scale = scale_of(cfg)
     evals = finished(run_dir, "evaluate")
-    frames, paths, manifests, agreements = [], {}, {}, {}
+    frames, paths, manifests, agreements, calibrations = [], {}, {}, {}, []
     for d in evals:
         m = store.read_json(d / "manifest.json")
         student = m["config"]["student"]["name"]
@@ -45,6 +45,9 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         manifests[student] = d
         judged = store.read_table(d).to_pandas()
         frames.append(report.judged_frame(judged))
+        if m["config"].get("judge", {}).get("kind", "model") != "program":
+            cal = calibration.program_calibration(judged, scale)
+            calibrations += [{"student": student, **r} for r in cal.to_dict("records")]
         n_agree = m.get("agreement", {}).get("n_shards", 0)
         if n_agree:
             again = store.read_shards(d / "agreement", n_agree).to_pandas()
@@ -158,6 +161,16 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         report.frame_markdown(pd.DataFrame([{"student": s, **a} for s, a in agreements.items()]))
         if agreements
         else "_No repeated judgements (evaluate.agreement_fraction=0)._",
+        "",
+        "## Judge calibration against program judges",
+        "",
+        "On rubrics with a registered program judge (`cpt/program_judges.py`), the LLM "
+        "judge's scores vs the program's exact scores on the same responses: Cohen's κ on "
+        "the binned levels, Spearman ρ on the scores.",
+        "",
+        report.frame_markdown(pd.DataFrame(calibrations))
+        if calibrations
+        else "_No LLM-judged rubric with a program judge._",
         "",
         *sections,
         "## Stage manifests",
