@@ -108,6 +108,16 @@ def summary_table(records: list[dict]) -> str:
     return md_table(["benchmark", "status", "seconds", "targets met", "figures"], rows)
 
 
+EXPERIMENTS_MARK = "<!-- experiments: kept when the benchmarks rewrite this file -->"
+
+
+def kept_experiments(path: Path) -> list[str]:
+    """The experiments section of an existing RESULTS.md (from `EXPERIMENTS_MARK` on): the
+    record of long runs (benchmarks/experiments.md) that `python -m benchmarks` does not redo."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    return ["", text[text.index(EXPERIMENTS_MARK) :].rstrip()] if EXPERIMENTS_MARK in text else []
+
+
 def write_results(
     path: Path, records: list[dict], info: dict, mode: str, argv: list[str], wall: float
 ) -> None:
@@ -176,6 +186,7 @@ def write_results(
     lines.append(
         f"benchmarks: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
     )
+    lines += kept_experiments(path)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

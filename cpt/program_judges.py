@@ -62,16 +62,17 @@ def _interpolate(x: float, points: tuple[tuple[float, float], ...]) -> float:
 
 
 # concision-words: the rubric's five descriptors as word-count bands, each mapped onto a score
-# band: the score falls linearly inside a band, and a band's scores never overlap the next. With the paper's levels
-# (low <= 40 < moderate <= 92.5 < extremely high) this reads: extremely high <= 20 words,
-# moderate 21-60 words, low > 60 words.
+# band: the score falls linearly inside a band, and a band's scores never overlap the next.
+# With the paper's levels (low <= 40 < moderate <= 92.5 < extremely high) this reads:
+# extremely high <= 10 words, moderate 11-30 words, low > 30 words. The bands are short so
+# that every level fits under a small generation cap (64 tokens, ~45 words) on CPU.
 CONCISION_BANDS: tuple[tuple[int, int, int, str], ...] = (
     # (last word count of the band, score at its first word count, score at its last, descriptor)
-    (20, 100, 93, "excellent"),
-    (40, 92, 70, "good"),
-    (60, 69, 41, "fair"),
-    (120, 40, 15, "poor"),
-    (240, 14, 0, "unsatisfactory"),
+    (10, 100, 93, "excellent"),
+    (20, 92, 70, "good"),
+    (30, 69, 41, "fair"),
+    (60, 40, 15, "poor"),
+    (120, 14, 0, "unsatisfactory"),
 )
 
 

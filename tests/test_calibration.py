@@ -45,7 +45,7 @@ def responses() -> list[tuple[str, float, bool]]:
     """(response, LLM score, judge ok): an LLM judge that tracks length, with one miss,
     one failed judgement and one empty response (neither compared)."""
     texts = [" ".join(["w"] * n) for n in (5, 15, 30, 50, 80, 150)]
-    llm = [97.0, 95.0, 80.0, 20.0, 30.0, 5.0]  # the 50-word answer is called low
+    llm = [97.0, 95.0, 80.0, 20.0, 30.0, 5.0]  # the 15-word answer is called extremely high
     return [*zip(texts, llm, [True] * 6), ("w " * 10, 0.0, False), ("", 99.0, True)]
 
 

@@ -25,16 +25,16 @@ def n_words(n: int) -> str:
 @pytest.mark.parametrize(
     "n,score,band",
     [
-        (1, 100, "excellent"),
-        (20, 93, "excellent"),
-        (21, 92, "good"),
-        (40, 70, "good"),
-        (41, 69, "fair"),
-        (60, 41, "fair"),
-        (61, 40, "poor"),
-        (120, 15, "poor"),
-        (121, 14, "unsatisfactory"),
-        (240, 0, "unsatisfactory"),
+        (1, 99, "excellent"),
+        (10, 93, "excellent"),
+        (11, 92, "good"),
+        (20, 70, "good"),
+        (21, 69, "fair"),
+        (30, 41, "fair"),
+        (31, 40, "poor"),
+        (60, 15, "poor"),
+        (61, 14, "unsatisfactory"),
+        (120, 0, "unsatisfactory"),
         (500, 0, "beyond every band"),
     ],
 )
@@ -44,9 +44,9 @@ def test_concision_word_bands_and_their_edges(n, score, band):
 
 
 def test_concision_edges_fall_in_the_paper_bins():
-    """<= 20 words: extremely high (> 92.5); 21-60: moderate (40, 92.5]; > 60: low (<= 40)."""
-    scores = {n: pj.concision_words(n_words(n)).score for n in (20, 21, 60, 61)}
-    assert scores[20] > 92.5 >= scores[21] and scores[60] > 40 >= scores[61]
+    """<= 10 words: extremely high (> 92.5); 11-30: moderate (40, 92.5]; > 30: low (<= 40)."""
+    scores = {n: pj.concision_words(n_words(n)).score for n in (10, 11, 30, 31)}
+    assert scores[10] > 92.5 >= scores[11] and scores[30] > 40 >= scores[31]
 
 
 def test_concision_is_monotone_in_words():
@@ -137,7 +137,7 @@ def test_one_program_for_every_rubric_and_the_rubric_without_a_program():
         name="j", path="program", kind=ModelKind.program, program="concision-words"
     )
     (out,) = build_engine(forced, cfg.engine).generate([Request("a", tuple(msgs))])
-    assert json.loads(out.text)["score"] == 82  # 30 words, scored by concision-words
+    assert json.loads(out.text)["score"] == 41  # 30 words, scored by concision-words
     baroque = compose("judge=program").prompts
     rubric = load_selected_rubrics(compose())[0]  # baroque-reviewer: no program of that name
     msgs = judge_messages(baroque, rubric, "t", "some text", "ABCDEF0123")
@@ -155,3 +155,15 @@ def _sampling():
     from cpt.engines.base import Sampling
 
     return Sampling()
+
+
+def test_experiment_concision_cpu_composes_and_validates():
+    cfg = compose("experiment=concision_cpu")
+    assert cfg.judge.kind is ModelKind.program and cfg.rubrics.include == ["concision-words"]
+    assert cfg.teacher.path == cfg.student.path == "builtin:smollm2-135m"
+    assert cfg.pairs.filter and cfg.pairs.min_margin > 0 and cfg.run_dir.endswith("concision_cpu")
+    assert cfg.train.lora_r <= cfg.engine.max_lora_rank  # vLLM serves the adapter at evaluation
+    assert all(".layers." in f".{m}" for m in cfg.train.target_modules)
+    assert validate(cfg) == []
+    # later overrides still win over the experiment
+    assert compose("experiment=concision_cpu", "tasks.num_tasks=6").tasks.num_tasks == 6
