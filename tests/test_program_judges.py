@@ -167,3 +167,47 @@ def test_experiment_concision_cpu_composes_and_validates():
     assert validate(cfg) == []
     # later overrides still win over the experiment
     assert compose("experiment=concision_cpu", "tasks.num_tasks=6").tasks.num_tasks == 6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_program_judge_through_the_whole_pipeline(tmp_path):
+    """Tiny teacher and student, the program judge for adherence (pair filter) and evaluation:
+    same shards and report as an LLM judge, scores equal to the program on the stored texts."""
+    from conftest import launch
+
+    from cpt import store
+    from cpt.pipeline import stage_dir
+
+    over = [
+        f"run_dir={tmp_path}",
+        "judge=program",
+        "rubrics=concision",
+        "tasks.num_tasks=4",
+        "tasks.test_fraction=0.25",
+        "generate.samples=2",
+        "pairs.filter=true",
+        "pairs.min_margin=1",
+        "train.max_steps=2",
+        "parallel.backend=inline",
+        "report.n_boot=20",
+    ]
+    launch(*over, timeout=1100)
+    cfg = compose(*over)
+    gens = {g["id"]: g["text"] for g in store.read_table(stage_dir(cfg, "generate")).to_pylist()}
+    adh = store.read_table(stage_dir(cfg, "adherence")).to_pylist()
+    assert len(adh) == len(gens) and all(a["attempts"] == 1 for a in adh)
+    for a in adh:  # a scored row is the program's verdict; an empty text a counted failure
+        text = gens[a["gen_id"]]
+        if pj.words(text):
+            verdict = pj.concision_words(text)
+            assert a["ok"] and a["score"] == verdict.score and a["critique"] == verdict.critique
+        else:
+            assert not a["ok"] and a["score"] is None
+    card = (stage_dir(cfg, "pairs") / "README.md").read_text()
+    assert "adherence filter: min_margin=1" in card
+    ev = store.read_table(stage_dir(cfg, "evaluate")).to_pylist()
+    assert {e["model"] for e in ev} == {"base", "cpt"}
+    assert all(e["score"] == pj.concision_words(e["response"]).score for e in ev if e["ok"])
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| tiny |" in md and "_No LLM-judged rubric with a program judge._" in md
