@@ -120,8 +120,12 @@ def summary(run: Path) -> str:
     table3 = md_table(
         ["model", "n", *[name for _, name in METRICS], "judge failures"],
         [
-            [model, metrics[model]["n"], *[ci(metrics[model], k) for k, _ in METRICS]]
-            + [metrics[model]["judge_failures"]]
+            [
+                model,
+                metrics[model]["n"],
+                *[ci(metrics[model], k) for k, _ in METRICS],
+                metrics[model]["judge_failures"],
+            ]
             for model in ("base", "cpt")
             if model in metrics
         ],
