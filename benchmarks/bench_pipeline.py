@@ -29,6 +29,13 @@ from typing import Any
 from benchmarks import REPO, finish, md_table
 
 QUICK = [
+    *(
+        "teacher=tiny",
+        "judge=tiny",
+        "student=tiny",
+        "train=tiny",
+        "engine=hf",
+    ),  # the defaults: the real model
     "tasks.num_tasks=2",
     "rubrics.include=[concision]",
     "generate.no_rubric=false",

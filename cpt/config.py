@@ -56,8 +56,12 @@ class Reasoning(enum.Enum):
     """Thinking of reasoning models (`cpt.engines.reasoning`)."""
 
     none = "none"  # not a reasoning model: outputs are answers, untouched
-    off = "off"  # template asked for no thinking (enable_thinking=False); any <think> split off
-    on = "on"  # the model thinks; <think>...</think> kept out of the answer, in `reasoning`
+    disabled = (
+        "disabled"  # template asked for no thinking (enable_thinking=False); any <think> split off
+    )
+    enabled = (
+        "enabled"  # the model thinks; <think>...</think> kept out of the answer, in `reasoning`
+    )
 
 
 class DType(enum.Enum):
@@ -112,7 +116,7 @@ class ModelConfig:
     trust_remote_code (`bool`): run Python shipped with the checkpoint. Off unless you trust it.
     engine (`EngineKind` or None): per-model override of `engine.kind`.
     base_url (`str`): OpenAI-compatible endpoint, for `engine=openai`.
-    reasoning (`Reasoning`): none | off | on: thinking switched off or on through the chat
+    reasoning (`Reasoning`): none | disabled | enabled: thinking switched off or on through the chat
         template (`enable_thinking`) and `<think>` text kept out of answers (own column).
     chat_template_kwargs (`dict`): extra variables for the chat template.
     sampling (`SamplingConfig`): defaults for this model's generations.
@@ -554,6 +558,18 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
 
 
+def _resolve_problem(role: str, m: ModelConfig) -> list[str]:
+    """Builds or converts a built-in / GGUF model source (cached); its error as a problem."""
+    from cpt.models import resolve_model_path
+    from cpt.models.gguf import GGUFError
+
+    try:
+        resolve_model_path(m.path, m.gguf_file)
+    except GGUFError as exc:
+        return [f"{role}.path: {exc}"]
+    return []
+
+
 def validate(cfg: CptConfig) -> list[str]:
     """Checks that need the file system; returns every problem (empty list: all good)."""
     problems = []
@@ -566,13 +582,15 @@ def validate(cfg: CptConfig) -> list[str]:
                 problems.append(
                     f"{role}.path: unknown builtin model {m.path!r} (known: {builtin_names()})"
                 )
+            else:  # fetch/convert here, once, so a missing package is one line at launch
+                problems += _resolve_problem(role, m)
         elif _looks_local(m.path) and not Path(m.path).expanduser().exists():
             problems.append(
                 f"{role}.path: {m.path} does not exist (a local model folder "
                 "or a Hugging Face id like org/name is expected)"
             )
-        elif m.gguf_file and not (Path(m.path).expanduser() / m.gguf_file).is_file():
-            problems.append(f"{role}.gguf_file: {m.gguf_file} is not a file in the folder {m.path}")
+        elif m.gguf_file or m.path.lower().endswith(".gguf"):
+            problems += _resolve_problem(role, m)
         kind = m.engine or cfg.engine.kind
         if kind is EngineKind.openai and not m.base_url:
             problems.append(f"{role}.base_url: must be set when the engine is openai")
