@@ -424,10 +424,13 @@ class JudgingConfig:
     max_attempts (`int`, defaults to `3`): judge calls per response: the first, then repair
         prompts quoting the parse error; after the last, a recorded failure.
     shard_size (`int`, defaults to `32`): judgements per shard.
+    judge_truncated (`bool`, defaults to `False`): also judge generations cut at
+        `max_new_tokens`; by default they are not judged and are counted apart.
     """
 
     max_attempts: int = 3
     shard_size: int = 32
+    judge_truncated: bool = False
 
     def __post_init__(self) -> None:
         check(
@@ -443,10 +446,13 @@ class PairsConfig:
         ordered its two responses as their levels intend.
     min_margin (`float`, defaults to `0.0`): with `filter`, the score gap (0-100 points) the
         higher-level response must lead by.
+    keep_truncated (`bool`, defaults to `False`): also pair responses cut at the teacher's
+        `max_new_tokens` (finish_reason "length"); by default they are left out and counted.
     """
 
     filter: bool = False
     min_margin: float = 0.0
+    keep_truncated: bool = False
 
     def __post_init__(self) -> None:
         check(
@@ -466,6 +472,8 @@ class EvaluateConfig:
     shard_size (`int`, defaults to `32`): rows per shard (responses and judgements).
     agreement_fraction (`float`, defaults to `0.25`): share of judgements repeated with
         another sampling seed; the report shows how often the judge agrees with itself.
+    judge_truncated (`bool`, defaults to `False`): also judge responses cut at the student's
+        `max_new_tokens`; by default they are not judged, left out of the metrics and counted.
     """
 
     samples: int = 2
@@ -473,6 +481,7 @@ class EvaluateConfig:
     judge_max_attempts: int = 3
     shard_size: int = 32
     agreement_fraction: float = 0.25
+    judge_truncated: bool = False
 
     def __post_init__(self) -> None:
         check(self.samples >= 1, "evaluate.samples", f"must be >= 1, got {self.samples}")

@@ -30,6 +30,10 @@ class Judgement:
     raw: str
 
 
+TRUNCATED = "not judged: the response was cut at max_new_tokens"
+NOT_JUDGED = Judgement(False, None, "", TRUNCATED, 0, "")  # a truncated response's verdict
+
+
 def parse_judgement(text: str) -> tuple[float | None, str, str]:
     """(score, critique, error): error is "" on success, else why the text was rejected."""
     body = _THINK.sub("", text or "").strip()
@@ -154,6 +158,7 @@ def judge_grid(
                     part_rubric=part_rubric,
                     part_level=part_level,
                     sample_idx=g["sample_idx"],
+                    truncated=g.get("finish_reason") == "length",  # skipped by the judge
                     **meta(g),
                 )
             )

@@ -31,8 +31,13 @@ def tiny_nosys_dir() -> Path:
 
 
 # The defaults run the real built-in model (minutes); tests run the tiny random models (seconds)
-# unless they name a model or a training preset themselves.
-TINY = ("teacher=tiny", "judge=tiny", "student=tiny", "train=tiny", "engine=hf")
+# unless they name a model or a training preset themselves. Random weights almost never emit
+# EOS, so the tiny runs also pair and judge generations cut at max_new_tokens.
+TINY = (
+    *("teacher=tiny", "judge=tiny", "student=tiny", "train=tiny", "engine=hf"),
+    *("pairs.keep_truncated=true", "adherence.judge_truncated=true"),
+    "evaluate.judge_truncated=true",
+)
 
 
 def pin_tiny(args: tuple[str, ...] | list[str]) -> list[str]:

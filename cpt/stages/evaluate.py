@@ -107,7 +107,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         },
     )
     factory = JudgeFactory(
-        cfg.judge, cfg.engine, cfg.prompts.judge_repair, cfg.evaluate.judge_max_attempts
+        cfg.judge,
+        cfg.engine,
+        cfg.prompts.judge_repair,
+        cfg.evaluate.judge_max_attempts,
+        cfg.evaluate.judge_truncated,
     )
     stats = run_rows(
         judge_rows,
@@ -133,6 +137,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return {
         **stats.as_dict(),
         "judge_failures": stats.failures,
+        "truncated_responses": sum(r["finish_reason"] == "length" for r in responses),
         "responses": gen_stats.as_dict(),
         "agreement": agree_stats.as_dict(),
         "adapter": adapter,

@@ -38,12 +38,17 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
     scale = scale_of(cfg)
     evals = finished(run_dir, "evaluate")
     frames, paths, manifests, agreements = [], {}, {}, {}
+    truncated: dict[str, dict[str, int]] = {}  # student -> model -> responses not judged
     for d in evals:
         m = store.read_json(d / "manifest.json")
         student = m["config"]["student"]["name"]
         paths[student] = m["config"]["student"]["path"]
         manifests[student] = d
         judged = store.read_table(d).to_pandas()
+        if "truncated" in judged:  # cut at max_new_tokens and not judged: counted apart
+            cut = judged["truncated"].fillna(False).astype(bool) & judged["score"].isna()
+            truncated[student] = judged[cut].groupby("model").size().to_dict()
+            judged = judged[~cut]
         frames.append(report.judged_frame(judged))
         n_agree = m.get("agreement", {}).get("n_shards", 0)
         if n_agree:
@@ -153,6 +158,10 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         "",
         *[f"- {s}: " + ", ".join(f"{m} {n}" for m, n in by.items()) for s, by in failures.items()],
         "",
+        "## Truncated responses (cut at max_new_tokens: not judged, not in the metrics)",
+        "",
+        *[f"- {s}: " + ", ".join(f"{m} {n}" for m, n in by.items()) for s, by in truncated.items()],
+        "",
         "## Judge agreement (same responses judged twice, another sampling seed)",
         "",
         report.frame_markdown(pd.DataFrame([{"student": s, **a} for s, a in agreements.items()]))
@@ -186,6 +195,7 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         "rows": len(df),
         "agreement": agreements,
         "judge_failures": failures,
+        "truncated_responses": truncated,
     }
 
 
