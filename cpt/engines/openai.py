@@ -10,6 +10,7 @@ gives the argv, i.e.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from cpt.engines import adapter_name, request_seed
 from cpt.engines.base import Completion, Request, fold_system
+from cpt.engines.reasoning import split_reasoning, splits_reasoning, template_kwargs
 
 if TYPE_CHECKING:
     from cpt.config import EngineConfig, ModelConfig
@@ -162,6 +164,9 @@ class OpenAIEngine:
             }
             if self.server_extras:
                 kwargs["extra_body"] = {"structured_outputs": {"json": req.json_schema}}
+        template = template_kwargs(self.model_cfg)  # e.g. enable_thinking (vLLM servers read it)
+        if template and self.server_extras:
+            kwargs.setdefault("extra_body", {})["chat_template_kwargs"] = template
         return kwargs
 
     def _one(self, req: Request) -> Completion:
@@ -173,7 +178,11 @@ class OpenAIEngine:
         while True:
             try:
                 resp = self.client.chat.completions.create(**kwargs)
-                return _completion(req, resp)
+                done = _completion(req, resp)
+                if splits_reasoning(self.model_cfg) and not done.reasoning:
+                    text, reasoning = split_reasoning(done.text)
+                    done = dataclasses.replace(done, text=text, reasoning=reasoning)
+                return done
             except Exception as exc:
                 if attempt >= self.engine_cfg.max_retries or not _retryable(exc):
                     return self._error(req, exc, attempt + 1)
@@ -234,6 +243,8 @@ def _completion(req: Request, resp: Any) -> Completion:
         prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
         completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
         finish_reason=choice.finish_reason or "stop",
+        # a server with a reasoning parser returns the thinking apart
+        reasoning=getattr(choice.message, "reasoning_content", None) or "",
     )
 
 
