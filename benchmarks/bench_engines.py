@@ -269,7 +269,7 @@ if __name__ == "__main__":
         default=None,
         help=f"also the real model {REAL_MODEL} on long prompts (default: on, off with --quick)",
     )
-    ap.add_argument("--real-rows", type=int, default=16)
+    ap.add_argument("--real-rows", type=int, default=12)
     ap.add_argument("--real-max-new-tokens", type=int, default=64)
     ap.add_argument("--real-repeats", type=int, default=1)
     ap.add_argument("--json", help="also write the result here (for benchmarks.run)")
