@@ -18,8 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from cpt.engines import adapter_name, request_seed
-from cpt.engines.base import Completion, Request, fold_system
+from cpt.engines.base import Completion, Request, adapter_name, fold_system, request_seed
 
 if TYPE_CHECKING:
     from cpt.config import EngineConfig, ModelConfig
