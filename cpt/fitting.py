@@ -229,7 +229,13 @@ def read_rows(paths: Sequence[str | Path], split: str | None) -> pa.Table:
     if not files:
         raise FileNotFoundError(f"no Parquet files under {[str(p) for p in paths]}")
     table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
-    return select_split(table, split)
+    rows = select_split(table, split)
+    if rows.num_rows == 0 and table.num_rows:
+        have = sorted(set(table["split"].to_pylist())) if "split" in table.column_names else []
+        raise ValueError(
+            f"no rows of split {split!r} under {[str(p) for p in paths]} (have {have})"
+        )
+    return rows
 
 
 def rows_fingerprint(rows: pa.Table) -> str:

@@ -454,8 +454,8 @@ class TrainCLI:
     deepspeed: str = field(
         default="", metadata={"help": "DeepSpeed JSON, e.g. conf/deepspeed/zero2.json"}
     )
-    cpu: bool | None = field(
-        default=None, metadata={"help": "force CPU (default: CPU when CUDA is absent)"}
+    cpu: bool = field(
+        default=False, metadata={"help": "force CPU (default: CPU when CUDA is absent)"}
     )
 
 
@@ -489,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(cli.out),
         eval_rows=read_rows(cli.eval_rows, cli.eval_split) if cli.eval_rows else None,
         deepspeed=ds,
-        use_cpu=cli.cpu,
+        use_cpu=True if cli.cpu else None,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(

@@ -95,4 +95,9 @@ def test_clean_system_prompt(raw, clean):
 
 def test_rubric_task_tags_filter_the_grid():
     cfg = compose("rubrics.include=[support-empathy]")
-    assert conditions(cfg)[0].task_tags == ("letter", "support")
+    cond = conditions(cfg)[0]
+    assert cond.task_tags == ("letter", "support")
+    assert cond.applies_to("letter") and not cond.applies_to("poem")
+    assert cond.applies_to("")  # an untagged task goes with every condition
+    untagged = conditions(compose("rubrics.include=[concision]"))[0]
+    assert untagged.task_tags == () and untagged.applies_to("poem")  # no tags: every task

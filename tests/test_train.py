@@ -535,3 +535,39 @@ def test_distributed_env_from_slurm(monkeypatch):
     assert distributed_env_from_slurm()["MASTER_PORT"] == port
     os.environ["RANK"] = "3"
     assert distributed_env_from_slurm()["RANK"] == "3"
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_held_out_tasks_never_reach_training(tmp_path):
+    """A pairs folder holds both splits; neither entry (the train stage, `python -m
+    cpt.train` as slurm/train.sbatch calls it) trains on a test-split row."""
+    from conftest import REPO, compose
+
+    from cpt import store
+    from cpt.graph import StageContext
+    from cpt.stages import train as train_stage
+
+    train = TRAIN_ROWS.append_column("split", pa.array(["train"] * TRAIN_ROWS.num_rows))
+    test = HELD_OUT_ROWS.append_column("split", pa.array(["test"] * HELD_OUT_ROWS.num_rows))
+    pairs = tmp_path / "pairs"
+    store.write_shard(pairs, 0, train, {})
+    store.write_shard(pairs, 1, test, {})
+    store.mark_done(pairs, {"key": "k", "n_shards": 2})
+    steps = ["--max-steps", "1", "--per-device-batch-size", "2", "--grad-accum", "1"]
+    sbatch = (REPO / "slurm" / "train.sbatch").read_text()
+    assert '--rows "$PAIRS/shards" --split train' in sbatch  # the template names its split
+    main(["--rows", str(pairs / "shards"), "--student-path", "builtin:tiny", "--split", "train",
+          "--out", str(tmp_path / "cli"), "--cpu", *steps])  # fmt: skip
+    cfg = compose(f"run_dir={tmp_path}", "train.max_steps=1", "train.per_device_batch_size=2")
+    ctx = StageContext(cfg, "train", "k", tmp_path / "stage", {"pairs": pairs})
+    stats = train_stage.run(ctx)
+    for out in (tmp_path / "cli", tmp_path / "stage"):
+        summary = json.loads((out / "train_summary.json").read_text())
+        assert summary["data"]["rows"] == train.num_rows, out  # no test row trained on
+    assert stats["rows"] == train.num_rows
+    assert summary["eval_data"]["rows"] == test.num_rows  # the stage evaluates on them
+    with pytest.raises(ValueError, match="no rows of split 'nope'"):  # the wrong split: nothing
+        main(["--rows", str(pairs / "shards"), "--student-path", "builtin:tiny", "--split",
+              "nope", "--out", str(tmp_path / "x"), "--cpu", *steps])  # fmt: skip
