@@ -204,7 +204,9 @@ class LevelsConfig:
         try:
             self.scale  # noqa: B018  (builds and validates the one LevelScale)
         except ValueError as exc:
-            raise ConfigError(f"levels.levels: {exc}") from None
+            raise ConfigError(
+                f"levels.levels: {str(exc).removeprefix('invalid LevelScale: ')}"
+            ) from None
         for lv in self.levels:
             check(bool(lv.qualifier.strip()), f"levels.{lv.name}.qualifier", "must not be empty")
 
@@ -305,7 +307,7 @@ class ParallelConfig:
 @dataclass
 class ClusterConfig:
     """A Slurm site profile. `name: local` runs every stage in this process; any other name
-    submits each stage as its own Slurm job (see cpt/slurm.py and slurm/README.md).
+    submits each stage as its own Slurm job (see cpt/slurm/ and slurm/README.md).
 
     Parameters:
     partition, account, qos (`str`): sbatch flags of every stage job (unset = site default).

@@ -142,18 +142,11 @@ class RunPlan:
     nodes: dict[str, Node]
     selected: tuple[str, ...]
 
-    @property
-    def order(self) -> list[str]:
-        return list(self.nodes)
-
     def __getitem__(self, name: str) -> Node:
         return self.nodes[name]
 
     def selected_nodes(self) -> list[Node]:
         return [self.nodes[n] for n in self.selected]
-
-    def key_of(self, name: str) -> str:
-        return self.nodes[name].key
 
 
 def stage_key(spec: StageSpec, params: Any, input_keys: Mapping[str, str]) -> str:
