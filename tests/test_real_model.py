@@ -30,7 +30,9 @@ REAL = [
 
 def readable(text: str) -> bool:
     words = re.findall(r"\S+", text)
-    return len(words) >= 3 and sum(w.strip(".,;:!?'\"()").isalpha() for w in words) >= len(words) / 2
+    return (
+        len(words) >= 3 and sum(w.strip(".,;:!?'\"()").isalpha() for w in words) >= len(words) / 2
+    )
 
 
 def test_real_model_pipeline_end_to_end(tmp_path):

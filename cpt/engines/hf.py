@@ -17,14 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import transformers
 
-from cpt.engines import adapter_name, group_key, request_seed
 from cpt.engines.base import (
     Completion,
     Request,
+    adapter_name,
     blank_system,
     error_completion,
     fold_system,
+    group_key,
     injects_default_system,
+    request_seed,
 )
 from cpt.engines.reasoning import split_reasoning, splits_reasoning, template_kwargs
 from cpt.engines.schema import compile_json_schema, schema_text
