@@ -59,12 +59,10 @@ class Reasoning(enum.Enum):
     """Thinking of reasoning models (`cpt.engines.reasoning`)."""
 
     none = "none"  # not a reasoning model: outputs are answers, untouched
-    disabled = (
-        "disabled"  # template asked for no thinking (enable_thinking=False); any <think> split off
-    )
-    enabled = (
-        "enabled"  # the model thinks; <think>...</think> kept out of the answer, in `reasoning`
-    )
+    # the template is asked for no thinking (enable_thinking=False); any <think> split off
+    disabled = "disabled"
+    # the model thinks; <think>...</think> kept out of the answer, in the `reasoning` column
+    enabled = "enabled"
 
 
 class DType(enum.Enum):
@@ -119,8 +117,8 @@ class ModelConfig:
     trust_remote_code (`bool`): run Python shipped with the checkpoint. Off unless you trust it.
     engine (`EngineKind` or None): per-model override of `engine.kind`.
     base_url (`str`): OpenAI-compatible endpoint, for `engine=openai`.
-    reasoning (`Reasoning`): none | disabled | enabled: thinking switched off or on through the chat
-        template (`enable_thinking`) and `<think>` text kept out of answers (own column).
+    reasoning (`Reasoning`): none | disabled | enabled: thinking switched off or on through
+        the chat template (`enable_thinking`), `<think>` text kept out of answers (own column).
     chat_template_kwargs (`dict`): extra variables for the chat template.
     sampling (`SamplingConfig`): defaults for this model's generations.
     """
