@@ -35,6 +35,7 @@ def readable(text: str) -> bool:
     )
 
 
+@pytest.mark.timeout(2400)  # a few minutes on 2 idle cores; headroom for a busy CI box
 def test_real_model_pipeline_end_to_end(tmp_path):
     launch(f"run_dir={tmp_path}", *REAL, tiny=False, timeout=1800)
     cfg = compose(f"run_dir={tmp_path}", *REAL, tiny=False)
