@@ -51,6 +51,7 @@ def test_truncated_responses_are_not_judged_but_counted(tiny_dir):
         else:  # never sent to the judge: no score, no tokens, its own error
             assert (cut["ok"], cut["score"], cut["attempts"]) == (False, None, 0)
             assert cut["error"] == TRUNCATED and cut["completion_tokens"] == 0
-    table = table2(cfg, [{**r, "score": None, "ok": False} for r in rows]).to_pylist()
+    verdicts = [{"score": None, "ok": False, "error": e} for e in ("no JSON", TRUNCATED)]
+    table = table2(cfg, [{**r, **v} for r, v in zip(rows, verdicts)]).to_pylist()
     total = next(t for t in table if t["rubric"] == "ALL")
     assert total["truncated"] == 1 and total["judge_failures"] == 1  # apart, not a failure

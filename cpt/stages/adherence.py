@@ -16,7 +16,7 @@ from cpt import store
 from cpt.config import CptConfig, JudgingConfig
 from cpt.generation import JudgeFactory, run_rows
 from cpt.graph import StageContext, StageSpec
-from cpt.judge import condition_parts, judge_grid
+from cpt.judge import TRUNCATED, condition_parts, judge_grid
 from cpt.prompts import load_selected_rubrics
 
 
@@ -65,7 +65,7 @@ def table2(cfg: CptConfig, rows: list[dict]) -> pa.Table:
     for r in rows:
         col = "no_rubric" if r["kind"] == "no_rubric" else r["part_level"]
         key = (r["part_rubric"], col)
-        if r.get("truncated") and r["score"] is None:  # not judged (judge_truncated off)
+        if r.get("error") == TRUNCATED:  # not judged (adherence.judge_truncated off)
             truncated[r["part_rubric"]] = truncated.get(r["part_rubric"], 0) + 1
             continue
         if not r["ok"]:

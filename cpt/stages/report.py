@@ -16,6 +16,7 @@ import pandas as pd
 from cpt import metrics, report, store
 from cpt.config import CptConfig
 from cpt.graph import StageContext, StageSpec
+from cpt.judge import TRUNCATED
 from cpt.stages import STAGES
 
 
@@ -40,8 +41,8 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         paths[student] = m["config"]["student"]["path"]
         manifests[student] = d
         judged = store.read_table(d).to_pandas()
-        if "truncated" in judged:  # cut at max_new_tokens and not judged: counted apart
-            cut = judged["truncated"].fillna(False).astype(bool) & judged["score"].isna()
+        if "error" in judged:  # responses cut at max_new_tokens and not judged: apart
+            cut = judged["error"] == TRUNCATED
             truncated[student] = judged[cut].groupby("model").size().to_dict()
             judged = judged[~cut]
         frames.append(report.judged_frame(judged))
