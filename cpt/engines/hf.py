@@ -17,14 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import transformers
 
-from cpt.engines import adapter_name, group_key, request_seed
 from cpt.engines.base import (
     Completion,
     Request,
+    adapter_name,
     blank_system,
     error_completion,
     fold_system,
+    group_key,
     injects_default_system,
+    request_seed,
 )
 from cpt.engines.reasoning import split_reasoning, splits_reasoning, template_kwargs
 from cpt.engines.schema import compile_json_schema, schema_text
@@ -43,7 +45,7 @@ class HFEngine:
       tokenized without extra special tokens (the template already has them). A template
       that injects its own default system prompt gets an explicit empty system turn instead
       (`blank_system`); `template_kwargs(model)` (e.g. `enable_thinking`) go to the template.
-    - Reasoning models (`model.reasoning` on/off): `<think>` text goes to
+    - Reasoning models (`model.reasoning` disabled/enabled): `<think>` text goes to
       `Completion.reasoning`, the answer to `text` (`cpt.engines.reasoning`).
     - Batching: requests with the same `group_key` (sampling except the seed, JSON schema,
       adapter) share batches of `engine.batch_size`, longest prompts first, left-padded.

@@ -4,10 +4,10 @@ Qwen3 thinks by default and DeepSeek-R1 distills always reason first; their `<th
 text must not flow into teacher responses, system prompts, pairs or evaluations. A model's
 `reasoning` setting (`cpt.config.Reasoning`) says what to do:
 
-    none  not a reasoning model: the text is the answer, untouched (default)
-    off   ask the template for no thinking (`enable_thinking=False`, which Qwen3 reads;
-          other templates ignore it); any thinking that still appears is split off
-    on    let the model think (`enable_thinking=True`); the thinking is split off
+    none      not a reasoning model: the text is the answer, untouched (default)
+    disabled  ask the template for no thinking (`enable_thinking=False`, which Qwen3 reads;
+              other templates ignore it); any thinking that still appears is split off
+    enabled   let the model think (`enable_thinking=True`); the thinking is split off
 
 Split off means: the completion's `text` is the answer after `</think>`, and `reasoning` holds
 the thinking. A generation that ends inside its thinking (cut at `max_new_tokens`) has an
@@ -30,7 +30,7 @@ def template_kwargs(model: ModelConfig) -> dict[str, Any]:
     kwargs = dict(model.chat_template_kwargs or {})
     mode = getattr(model.reasoning, "value", model.reasoning)
     if mode != "none":
-        kwargs.setdefault("enable_thinking", mode == "on")
+        kwargs.setdefault("enable_thinking", mode == "enabled")
     return kwargs
 
 

@@ -15,14 +15,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cpt.engines import adapter_name, request_seed
 from cpt.engines.base import (
     Completion,
     Request,
+    adapter_name,
     blank_system,
     error_completion,
     fold_system,
     injects_default_system,
+    request_seed,
 )
 from cpt.engines.reasoning import split_reasoning, splits_reasoning, template_kwargs
 from cpt.engines.schema import schema_text

@@ -51,20 +51,6 @@ def converted_dir(sha256: str, name: str, locate: Callable[[], Path]) -> Path:
     `locate()` is called only when the folder is not cached yet; the file it returns must
     have the expected checksum (a pinned download is verified here).
     """
-    import gguf
-    import torch
-    import transformers
-
-    key = content_hash(
-        {
-            "v": CONVERTER_VERSION,
-            "sha256": sha256,
-            "transformers": transformers.__version__,
-            "gguf": getattr(gguf, "__version__", "") or _dist_version("gguf"),
-            "torch": torch.__version__,
-        },
-        12,
-    )
 
     def build(out: Path) -> None:
         file = locate()
@@ -75,7 +61,23 @@ def converted_dir(sha256: str, name: str, locate: Callable[[], Path]) -> Path:
             )
         _convert(file, out)
 
-    return build_once(cache_root() / f"gguf-{Path(name).stem}-{key}", build, "model.safetensors")
+    return build_once(converted_target(sha256, name), build, "model.safetensors")
+
+
+def converted_target(sha256: str, name: str) -> Path:
+    """Where the conversion of that file lives: keyed by its sha256 and the library versions
+    that shape the converted files."""
+    import gguf
+    import torch
+    import transformers
+
+    versions = {
+        "transformers": transformers.__version__,
+        "gguf": getattr(gguf, "__version__", "") or _dist_version("gguf"),
+        "torch": torch.__version__,
+    }
+    key = content_hash({"v": CONVERTER_VERSION, "sha256": sha256, **versions}, 12)
+    return cache_root() / f"gguf-{Path(name).stem}-{key}"
 
 
 @functools.lru_cache(maxsize=32)

@@ -1,7 +1,7 @@
 """Tiny random Llama-style models, built locally and deterministically (no model hub).
 
-They are the default teacher, judge and student of the local debug mode, and the models
-of the test suite. Widths are multiples of 64 (bitsandbytes 4-bit blocks) and the head
+They are the models of the fast tests (seconds per pipeline; the local default is the real
+SmolLM2-135M, `cpt.models.smollm2`). Widths are multiples of 64 (bitsandbytes 4-bit blocks) and the head
 size is 32 (vLLM's CPU attention rejects 16).
 
     tiny        ChatML template with a system role

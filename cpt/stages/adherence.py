@@ -15,8 +15,8 @@ import pyarrow as pa
 from cpt import store
 from cpt.config import CptConfig, JudgingConfig
 from cpt.generation import JudgeFactory, run_rows
-from cpt.judge import condition_parts, judge_grid
-from cpt.pipeline import StageContext
+from cpt.graph import StageContext, StageSpec
+from cpt.judge import TRUNCATED, condition_parts, judge_grid
 from cpt.prompts import load_selected_rubrics
 
 
@@ -32,7 +32,13 @@ def params(cfg: CptConfig) -> dict[str, Any]:
 
 
 def judge_factory(cfg: CptConfig, judging: JudgingConfig) -> JudgeFactory:
-    return JudgeFactory(cfg.judge, cfg.engine, cfg.prompts.judge_repair, judging.max_attempts)
+    return JudgeFactory(
+        cfg.judge,
+        cfg.engine,
+        cfg.prompts.judge_repair,
+        judging.max_attempts,
+        judging.judge_truncated,
+    )
 
 
 def work_grid(cfg: CptConfig, tasks: dict[str, str], gens: list[dict]) -> list[dict]:
@@ -55,9 +61,13 @@ def table2(cfg: CptConfig, rows: list[dict]) -> pa.Table:
     columns = ["no_rubric", *cfg.levels.names]
     cells: dict[tuple[str, str], list[float]] = {}
     failures: dict[str, int] = {}
+    truncated: dict[str, int] = {}  # generations cut at max_new_tokens: not judged
     for r in rows:
         col = "no_rubric" if r["kind"] == "no_rubric" else r["part_level"]
         key = (r["part_rubric"], col)
+        if r.get("error") == TRUNCATED:  # not judged (adherence.judge_truncated off)
+            truncated[r["part_rubric"]] = truncated.get(r["part_rubric"], 0) + 1
+            continue
         if not r["ok"]:
             failures[r["part_rubric"]] = failures.get(r["part_rubric"], 0) + 1
             continue
@@ -65,6 +75,7 @@ def table2(cfg: CptConfig, rows: list[dict]) -> pa.Table:
         cells.setdefault(("ALL", col), []).append(r["score"])
     names = [*sorted({r["part_rubric"] for r in rows}), "ALL"]
     failures["ALL"] = sum(failures.values())
+    truncated["ALL"] = sum(truncated.values())
 
     def mean(xs: list[float] | None) -> float | None:
         return round(sum(xs) / len(xs), 2) if xs else None
@@ -74,6 +85,7 @@ def table2(cfg: CptConfig, rows: list[dict]) -> pa.Table:
         data[col] = [mean(cells.get((n, col))) for n in names]
         data[f"n_{col}"] = [len(cells.get((n, col), [])) for n in names]
     data["judge_failures"] = [failures.get(n, 0) for n in names]
+    data["truncated"] = [truncated.get(n, 0) for n in names]
     return pa.table(data)
 
 
@@ -82,15 +94,15 @@ def table2_markdown(table: pa.Table, levels: list[str]) -> str:
     head = (
         "| teacher | rubric | "
         + " | ".join(c.replace("_", " ") for c in cols)
-        + " | judge failures |"
+        + " | judge failures | truncated (not judged) |"
     )
-    lines = [head, "|" + "---|" * (len(cols) + 3)]
+    lines = [head, "|" + "---|" * (len(cols) + 4)]
     for row in table.to_pylist():
         vals = ["-" if row[c] is None else f"{row[c]:.1f} (n={row['n_' + c]})" for c in cols]
         lines.append(
             f"| {row['teacher']} | {row['rubric']} | "
             + " | ".join(vals)
-            + f" | {row['judge_failures']} |"
+            + f" | {row['judge_failures']} | {row['truncated']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -113,8 +125,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     t2 = table2(cfg, store.read_shards(ctx.out_dir, stats.n_shards).to_pylist())
     store.atomic_write_parquet(ctx.out_dir / "table2.parquet", t2)
     store.atomic_write_text(ctx.out_dir / "table2.md", table2_markdown(t2, cfg.levels.names))
-    return {**stats.as_dict(), "judge_failures": stats.failures}
+    truncated = sum(g["finish_reason"] == "length" for g in gens)
+    return {**stats.as_dict(), "judge_failures": stats.failures, "truncated_generations": truncated}
 
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
     return {"shard_size": cfg.adherence.shard_size}
+
+
+SPEC = StageSpec("adherence", ("tasks", "generate"), params, run, plan, gpu=True)

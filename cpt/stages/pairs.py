@@ -19,9 +19,9 @@ import pyarrow as pa
 
 from cpt import store
 from cpt.config import CptConfig
-from cpt.pipeline import StageContext
+from cpt.graph import StageContext, StageSpec
 from cpt.prompts import fill
-from cpt.stages.sysprompts import load_system_prompts, pick
+from cpt.system_prompts import load_system_prompts, pick
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 SCHEMA = pa.schema(
@@ -92,6 +92,9 @@ def build_pairs(
             continue
         if not g["ok"] or not (g["text"] or "").strip():
             stats["dropped_failed_generation"] += 1
+            continue
+        if g.get("finish_reason") == "length" and not cfg.pairs.keep_truncated:
+            stats["dropped_truncated_generation"] += 1  # cut at max_new_tokens: incomplete
             continue
         groups.setdefault((g["task_id"], g["rubric"], g["sample_idx"]), []).append(g)
     rows = []
@@ -173,7 +176,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     tasks = store.read_table(ctx.inputs["tasks"]).to_pylist()
     gens = store.read_table(
         ctx.inputs["generate"],
-        ["id", "task_id", "rubric", "level", "sample_idx", "kind", "text", "ok"],
+        ["id", "task_id", "rubric", "level", "sample_idx", "kind", "text", "ok", "finish_reason"],
     ).to_pylist()
     sysprompts, fallbacks = load_system_prompts(cfg, ctx.inputs["sysprompts"])
     scores = None
@@ -192,3 +195,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
     return {"filter": cfg.pairs.filter}
+
+
+SPEC = StageSpec("pairs", ("tasks", "generate", "sysprompts", "adherence"), params, run, plan)

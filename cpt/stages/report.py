@@ -15,7 +15,9 @@ import pandas as pd
 
 from cpt import calibration, metrics, report, store
 from cpt.config import CptConfig
-from cpt.pipeline import StageContext
+from cpt.graph import StageContext, StageSpec
+from cpt.judge import TRUNCATED
+from cpt.stages import STAGES
 
 
 def params(cfg: CptConfig) -> dict[str, Any]:
@@ -26,24 +28,23 @@ def finished(run_dir: Path, stage: str) -> list[Path]:
     return sorted(d for d in (run_dir / stage).glob("*") if store.is_done(d))
 
 
-def scale_of(cfg: CptConfig) -> metrics.LevelScale:
-    return metrics.LevelScale(
-        tuple(cfg.levels.names), tuple(float(lv.upper) for lv in cfg.levels.levels)
-    )
-
-
 def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
     """Write report.md, metrics.json and plots under `out`; returns the metrics."""
     run_dir = Path(cfg.run_dir).absolute()
-    scale = scale_of(cfg)
+    scale = cfg.levels.scale
     evals = finished(run_dir, "evaluate")
     frames, paths, manifests, agreements, calibrations = [], {}, {}, {}, []
+    truncated: dict[str, dict[str, int]] = {}  # student -> model -> responses not judged
     for d in evals:
         m = store.read_json(d / "manifest.json")
         student = m["config"]["student"]["name"]
         paths[student] = m["config"]["student"]["path"]
         manifests[student] = d
         judged = store.read_table(d).to_pandas()
+        if "error" in judged:  # responses cut at max_new_tokens and not judged: apart
+            cut = judged["error"] == TRUNCATED
+            truncated[student] = judged[cut].groupby("model").size().to_dict()
+            judged = judged[~cut]
         frames.append(report.judged_frame(judged))
         if m["config"].get("judge", {}).get("kind", "model") != "program":
             cal = calibration.program_calibration(judged, scale)
@@ -156,6 +157,10 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         "",
         *[f"- {s}: " + ", ".join(f"{m} {n}" for m, n in by.items()) for s, by in failures.items()],
         "",
+        "## Truncated responses (cut at max_new_tokens: not judged, not in the metrics)",
+        "",
+        *[f"- {s}: " + ", ".join(f"{m} {n}" for m, n in by.items()) for s, by in truncated.items()],
+        "",
         "## Judge agreement (same responses judged twice, another sampling seed)",
         "",
         report.frame_markdown(pd.DataFrame([{"student": s, **a} for s, a in agreements.items()]))
@@ -177,15 +182,8 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         "",
         *[
             f"- [{d.relative_to(run_dir)}](../{d.relative_to(run_dir)}/manifest.json)"
-            for stage in (
-                "tasks",
-                "generate",
-                "sysprompts",
-                "adherence",
-                "pairs",
-                "train",
-                "evaluate",
-            )
+            for stage in STAGES
+            if stage != SPEC.name
             for d in finished(run_dir, stage)
         ],
     ]
@@ -199,6 +197,7 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         "rows": len(df),
         "agreement": agreements,
         "judge_failures": failures,
+        "truncated_responses": truncated,
     }
 
 
@@ -208,3 +207,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
     return {"renders": "all finished evaluations"}
+
+
+SPEC = StageSpec("report", ("evaluate",), params, run, plan, always_run=True)
