@@ -158,7 +158,7 @@ def _sampling():
 
 
 def test_experiment_concision_cpu_composes_and_validates():
-    cfg = compose("experiment=concision_cpu")
+    cfg = compose("experiment=concision_cpu", tiny=False)
     assert cfg.judge.kind is ModelKind.program and cfg.rubrics.include == ["concision-words"]
     assert cfg.teacher.path == cfg.student.path == "builtin:smollm2-135m"
     assert cfg.pairs.filter and cfg.pairs.min_margin > 0 and cfg.run_dir.endswith("concision_cpu")
@@ -166,7 +166,7 @@ def test_experiment_concision_cpu_composes_and_validates():
     assert all(".layers." in f".{m}" for m in cfg.train.target_modules)
     assert validate(cfg) == []
     # later overrides still win over the experiment
-    assert compose("experiment=concision_cpu", "tasks.num_tasks=6").tasks.num_tasks == 6
+    assert compose("experiment=concision_cpu", "tasks.num_tasks=6", tiny=False).tasks.num_tasks == 6
 
 
 @pytest.mark.slow
