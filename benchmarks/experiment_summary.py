@@ -105,6 +105,10 @@ def summary(run: Path) -> str:
     curve = pd.read_parquet(train_dir / "metrics.parquet")
 
     ev = store.read_table(ev_dir).to_pandas()
+    n_resp = store.read_json(ev_dir / "manifest.json").get("responses", {}).get("n_shards", 0)
+    if n_resp:  # the student's finish reasons live with its responses
+        resp = store.read_shards(ev_dir / "responses", n_resp, ["id", "finish_reason"]).to_pandas()
+        ev = ev.merge(resp.rename(columns={"id": "gen_id"}), on="gen_id", how="left")
     ev["words"] = ev["response"].map(words)
     ev["judged"] = judged_levels(ev["score"], cfg)
     first = ev[ev["sample_idx"] == 0].sort_values(
