@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from cpt.engines import adapter_name, request_seed
 from cpt.engines.base import Completion, Request, fold_system
+from cpt.engines.plaintext import neutralise
 
 if TYPE_CHECKING:
     from cpt.config import EngineConfig, ModelConfig
@@ -88,6 +89,9 @@ class OpenAIEngine:
       `server_extras=False`, vLLM's `extra_body={"structured_outputs": {"json": schema}}`
       (turn it off for servers that reject unknown fields). Compact JSON (no free whitespace)
       is a vLLM *server* flag, see the module docstring; per request it is ignored.
+    - Message contents are sent `neutralise`d: a control-token string such as `<|im_end|>`
+      gets an invisible WORD JOINER after its first character, because the server tokenises
+      the rendered chat with special tokens parsed (`cpt.engines.plaintext`).
     - Up to `engine.max_concurrency` requests in flight (a thread pool).
     - Connection errors, timeouts, 408/409/429 and 5xx are retried up to `engine.max_retries`
       times with exponential backoff and jitter (`backoff_s * 2**attempt * U(0.5, 1.5)`,
@@ -149,7 +153,10 @@ class OpenAIEngine:
         s = req.sampling
         kwargs: dict[str, Any] = {
             "model": adapter_name(req.adapter) if req.adapter else self.model_cfg.path,
-            "messages": fold_system(req.messages, self.model_cfg.system_role),
+            "messages": [
+                {**m, "content": neutralise(m["content"])}  # the server parses specials
+                for m in fold_system(req.messages, self.model_cfg.system_role)
+            ],
             "max_tokens": s.max_new_tokens,
             "temperature": s.temperature,
             "top_p": s.top_p if s.temperature > 0 else 1.0,
