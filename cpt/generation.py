@@ -81,7 +81,12 @@ class JudgeFactory:
         engine = build_engine(self.model, self.engine)
 
         def work(rows: list[Row]) -> list[Row]:
-            items = [JudgeItem(r["id"], tuple(json.loads(r["messages"])), r["seed"]) for r in rows]
+            items = [
+                JudgeItem(
+                    r["id"], tuple(json.loads(r["messages"])), r["seed"], r.get("not_judged") or ""
+                )
+                for r in rows
+            ]
             verdicts, completions = judge_all(
                 engine, items, sampling_of(self.model, 0), self.repair_template, self.max_attempts
             )
@@ -98,7 +103,7 @@ class JudgeFactory:
                     "error": v.error,
                     "attempts": v.attempts,
                     "raw": v.raw,
-                    "completion_tokens": tokens[r["id"]],
+                    "completion_tokens": tokens.get(r["id"], 0),
                 }
                 for r, v in zip(rows, verdicts)
             ]
