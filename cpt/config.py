@@ -488,6 +488,9 @@ class CptConfig:
     plan: bool = False
     wait: bool = False  # non-local cluster: block until the submitted jobs end; fail if one fails
     seed: int = 0
+    # environment variables whose values are secrets: redacted wherever they would be written
+    # (manifests, ledgers, Hydra's saved configs), on top of cpt.store.DEFAULT_SECRETS_ENV
+    secrets_env: list[str] = field(default_factory=list)
     teacher: ModelConfig = MISSING
     judge: ModelConfig = MISSING
     student: ModelConfig = MISSING
@@ -539,9 +542,15 @@ def _looks_local(path: str) -> bool:
 
 def validate(cfg: CptConfig) -> list[str]:
     """Checks that need the file system; returns every problem (empty list: all good)."""
+    from cpt.store import StoreError, check_name
+
     problems = []
     for role in ("teacher", "judge", "student"):
         m: ModelConfig = getattr(cfg, role)
+        try:
+            check_name(m.name, f"{role}.name")  # it names folders under run_dir
+        except StoreError as exc:
+            problems.append(str(exc))
         if m.is_builtin:
             from cpt.models.tiny import VARIANTS
 

@@ -12,6 +12,14 @@ Layout of a run (``run_dir``)::
 
 Every write goes to a temporary name in the same folder, is fsynced, then renamed, so a
 killed process leaves either the old state or the new one, never half a file.
+
+File modes (one policy): results (shards, receipts, manifests, reports, locks) get the mode
+a plain `open()` would give under the user's umask, so a project that shares a run folder
+sets `umask 002` (or 007) and teammates in its group read (and resume) every result; the
+usual umask 022 gives 0644. Private: `<run_dir>/.slurm/` (submitit's job pickles, which a
+job unpickles and runs, and its logs) is 0700, see `private_dir`. Secrets never reach a
+file: manifests go through `redact` (by key name and by value), and so do Hydra's saved
+configs (`redact_file`).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -47,6 +56,15 @@ class StoreError(RuntimeError):
 
 class StageLocked(StoreError):
     """Another process is writing the same stage folder."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() gives: results are as shared as the user's umask
 
 
 # --------------------------------------------------------------------------- hashing
@@ -104,6 +122,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would hide results from the project group
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -245,9 +264,24 @@ def is_done(stage_dir: str | Path) -> bool:
 
 
 def mark_done(stage_dir: Path, manifest: Mapping[str, Any]) -> None:
-    """Write the manifest, then the done marker (last, so 'done' implies 'complete')."""
-    atomic_write_json(stage_dir / MANIFEST, manifest)
+    """Write the manifest (secrets redacted, including the values of the variables named by
+    its config's `secrets_env`), then the done marker (last, so 'done' implies 'complete')."""
+    names = (manifest.get("config") or {}).get("secrets_env") or ()
+    atomic_write_json(stage_dir / MANIFEST, redact(dict(manifest), names))
     atomic_write_text(stage_dir / DONE_MARKER, manifest.get("key", "") + "\n")
+
+
+def open_lock(path: Path) -> int:
+    """A lock file's descriptor, opened without following a symlink (a symlinked `.lock`
+    would make us truncate and write whatever file it points to)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(
+                f"{path} is a symlink; refusing to follow it (remove it and re-run)"
+            ) from None
+        raise
 
 
 @contextlib.contextmanager
@@ -255,12 +289,13 @@ def stage_lock(stage_dir: Path, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive POSIX lock on the stage folder (works on NFS; freed if we die)."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     path = stage_dir / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock(path)
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = Path(path).read_text(errors="replace").strip() or "unknown process"
+            os.lseek(fd, 0, os.SEEK_SET)
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown process"
             raise StageLocked(
                 f"{stage_dir} is being written by {holder}; wait for it to "
                 "finish (or kill it) before launching the same stage again"
@@ -272,6 +307,28 @@ def stage_lock(stage_dir: Path, wait: bool = False) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def private_dir(path: str | Path) -> Path:
+    """A folder only its owner can enter (0700), e.g. for job pickles that a job runs."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def check_name(name: str, what: str) -> str:
+    """`name` if it can be one folder name inside a run folder, else a StoreError naming
+    `what` (e.g. 'student.name'): no separators, no '..', no absolute paths."""
+    if not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise StoreError(
+            f"{what}: {name!r} is not a safe folder name (letters, digits and . _ + -, "
+            "starting with a letter or digit, no '..'); it would put files outside run_dir"
+        )
+    return name
+
+
 class Store:
     """A run folder: where each stage's content-keyed output folder lives."""
 
@@ -279,8 +336,9 @@ class Store:
         self.root = Path(root).absolute()
 
     def stage_dir(self, stage: str, key: str, label: str = "") -> Path:
+        """`<root>/<stage>/<label>-<key12>`; every part must be a safe folder name."""
         name = f"{label}-{key[:12]}" if label else key[:12]
-        return self.root / stage / name
+        return self.root / check_name(stage, "stage") / check_name(name, "stage folder label")
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -288,21 +346,111 @@ class Store:
 
 # ------------------------------------------------------------------------- provenance
 
-_SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password", "passwd")
+REDACTED = "<redacted>"
+# a key is secret when one of its words is one of these ("max_new_tokens" is not: "tokens")
+_SECRET_WORDS = frozenset(
+    {"token", "secret", "password", "passwd", "apikey", "credential", "credentials", "auth",
+     "authorization", "cookie", "signature", "pat"}
+)  # fmt: skip
+_SECRET_PAIRS = ("api_key", "access_key", "private_key", "secret_key", "session_key")
+_SECRET_VALUES = re.compile(
+    r"(?<![A-Za-z0-9])(?:"
+    r"sk-[A-Za-z0-9_-]{16,}"  # OpenAI, Anthropic (sk-ant-...) and look-alikes
+    r"|hf_[A-Za-z0-9]{16,}"  # Hugging Face
+    r"|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"  # GitHub
+    r"|glpat-[A-Za-z0-9_-]{16,}"  # GitLab
+    r"|xox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
+    r"|(?:AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key ids
+    r"|AIza[0-9A-Za-z_-]{30,}"  # Google API keys
+    r"|wandb_v1_[A-Za-z0-9_]{20,}"
+    r")"
+)
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
+_BEARER = re.compile(r"(?i)\b(bearer)(\s+)[A-Za-z0-9._~+/=-]{8,}")
+_SECRET_ENV_NAME = re.compile(
+    r"(?:TOKEN|API_?KEY|SECRET|SECRET_KEY|ACCESS_KEY|PRIVATE_KEY|PASSWORD|PASSWD)$"
+)
+_ASSIGNMENT = re.compile(r"([A-Za-z_][\w.-]*)(\s*[=:]\s*)([^\s,;&]+)")
+DEFAULT_SECRETS_ENV = (
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY", "VLLM_API_KEY", "WANDB_API_KEY",
+    "ANTHROPIC_API_KEY", "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN", "RAY_AUTH_TOKEN",
+)  # fmt: skip
 
 
-def redact(obj: Any) -> Any:
-    """Copy of a config with secret-looking values replaced (names ending in _env are kept)."""
+def secret_name(name: str) -> bool:
+    """Whether a key or variable name holds a secret (names ending in `_env` hold the
+    *name* of a variable and are kept)."""
+    low = str(name).lower().rsplit(".", 1)[-1]
+    if low.endswith("_env"):
+        return False
+    words = set(re.split(r"[^a-z0-9]+", low))
+    return bool(words & _SECRET_WORDS) or any(p in low for p in _SECRET_PAIRS)
+
+
+def env_secrets(names: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
+    """Values of the environment variables that hold secrets: those in `names` (the config's
+    `secrets_env`), `DEFAULT_SECRETS_ENV`, and any other named `*_TOKEN`, `*_API_KEY`,
+    `*_SECRET`, `*_PASSWORD`... (values under 8 characters are too common to replace)."""
+    wanted = set(names) | set(DEFAULT_SECRETS_ENV)
+    values = {
+        v
+        for k, v in os.environ.items()
+        if (k in wanted or _SECRET_ENV_NAME.search(k.upper())) and len(v) >= 8
+    }
+    return tuple(sorted(values, key=len, reverse=True))
+
+
+def redact_text(text: str, values: tuple[str, ...] = ()) -> str:
+    """`text` with secrets replaced by `<redacted>`: the given `values` wherever they occur,
+    URL credentials (`https://user:key@host`), `Bearer <token>`, well-known key formats
+    (sk-, hf_, ghp_, xox?-, AKIA...), and `NAME=value` where NAME looks secret."""
+    for v in values:
+        text = text.replace(v, REDACTED)
+    text = _URL_USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
+    text = _BEARER.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    text = _SECRET_VALUES.sub(REDACTED, text)
+    return _ASSIGNMENT.sub(
+        lambda m: (
+            f"{m.group(1)}{m.group(2)}{REDACTED}"
+            if secret_name(m.group(1)) and m.group(3) != REDACTED
+            else m.group(0)
+        ),
+        text,
+    )
+
+
+def redact(obj: Any, secrets_env: tuple[str, ...] | list[str] = ()) -> Any:
+    """Copy of a config, manifest or argv with secrets replaced by `<redacted>`: values of
+    secret-looking keys (`api_key`, `hf_token`, `password`..., but not `max_new_tokens` or
+    `api_key_env`), and secrets found in any string value (`redact_text`, including the
+    values of the variables in `secrets_env`)."""
+    return _redact(obj, env_secrets(tuple(secrets_env)))
+
+
+def _redact(obj: Any, values: tuple[str, ...]) -> Any:
     if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            lk = str(k).lower()
-            secret = any(w in lk for w in _SECRET_WORDS) and not lk.endswith("_env")
-            out[k] = "<redacted>" if secret and v not in (None, "") else redact(v)
-        return out
+        return {
+            k: REDACTED
+            if secret_name(k) and v not in (None, "") and not isinstance(v, Mapping | list)
+            else _redact(v, values)
+            for k, v in obj.items()
+        }
     if isinstance(obj, list | tuple):
-        return [redact(v) for v in obj]
+        return [_redact(v, values) for v in obj]
+    if isinstance(obj, str):
+        return redact_text(obj, values)
     return obj
+
+
+def redact_file(path: str | Path, secrets_env: tuple[str, ...] | list[str] = ()) -> None:
+    """Rewrite a YAML or JSON file (e.g. Hydra's `.hydra/config.yaml`) with `redact`."""
+    import yaml
+
+    path = Path(path)
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    clean = redact(doc, secrets_env)
+    if clean != doc:
+        atomic_write_text(path, yaml.safe_dump(clean, sort_keys=False, allow_unicode=True))
 
 
 _VERSION_PACKAGES = (

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from cpt import pipeline
 from cpt.config import ConfigError, register_configs, to_config
 from cpt.rubric import RubricError
-from cpt.store import StoreError
+from cpt.store import StoreError, redact_file
 from cpt.tasks import TaskError
 
 register_configs()
@@ -30,6 +30,7 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("cpt").setLevel(logging.INFO)
+    redact_hydra_files(list(cfg.get("secrets_env") or []))
     try:
         pipeline.run(to_config(cfg))
     except (
@@ -39,6 +40,24 @@ def main(cfg: DictConfig) -> None:
         TaskError,
     ) as exc:  # a clear one-line error, not a traceback wall
         sys.exit(f"cpt: error: {exc}")
+
+
+def redact_hydra_files(secrets_env: list[str]) -> None:
+    """Hydra has just saved the composed config, its own config and the overrides under
+    `<output dir>/.hydra/` (and `multirun.yaml` in a sweep folder); rewrite them with
+    secrets redacted (`cpt.store.redact`) before anything else runs."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    files = []
+    if hc.output_subdir is not None:
+        files += sorted((Path(hc.runtime.output_dir) / hc.output_subdir).glob("*.yaml"))
+    if hc.mode == RunMode.MULTIRUN:
+        files.append(Path(hc.sweep.dir) / "multirun.yaml")
+    for path in files:
+        if path.is_file():
+            redact_file(path, secrets_env)
 
 
 if __name__ == "__main__":
