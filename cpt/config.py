@@ -525,9 +525,15 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def to_config(cfg: DictConfig | CptConfig) -> CptConfig:
-    """Composed OmegaConf node -> dataclasses (runs every __post_init__ check)."""
+    """Composed OmegaConf node -> dataclasses (runs every __post_init__ check); a key the
+    schema does not have is a ConfigError naming the closest valid key."""
     if not isinstance(cfg, DictConfig):
         return cfg
+    from cpt.config_keys import composed_problems
+
+    unknown = composed_problems(OmegaConf.to_container(cfg, resolve=False))
+    if unknown:  # Hydra lets `+key=...` add keys the schema does not have
+        raise ConfigError("; ".join(unknown))
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:

@@ -19,12 +19,14 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
 from cpt import pipeline
-from cpt.config import ConfigError, register_configs, to_config
+from cpt.config import ConfigError, register_configs, to_config, validate
+from cpt.config_keys import override_problems
 from cpt.rubric import RubricError
 from cpt.store import StoreError, redact_file
 from cpt.tasks import TaskError
 
 register_configs()
+ARGV_PROBLEMS: list[str] = []  # unknown override keys, reported by stage=check
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -32,6 +34,12 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("cpt").setLevel(logging.INFO)
     redact_hydra_files(list(cfg.get("secrets_env") or []))
     try:
+        if ARGV_PROBLEMS:  # stage=check: every problem at once, these first
+            from cpt.stages.check import run_check
+
+            config = to_config(cfg)
+            run_check(config, ARGV_PROBLEMS + validate(config))
+            return
         pipeline.run(to_config(cfg))
     except (
         ConfigError,
@@ -60,5 +68,20 @@ def redact_hydra_files(secrets_env: list[str]) -> None:
             redact_file(path, secrets_env)
 
 
+def screen_overrides(argv: list[str]) -> list[str]:
+    """Refuse unknown keys before Hydra sees them, whatever their prefix (`train.betta`,
+    `+train.betta`, `++train.betta`): one line naming the closest key. With stage=check
+    they are left out of the composition and reported with every other problem."""
+    problems = override_problems(argv[1:])
+    if not problems:
+        return argv
+    if "stage=check" not in argv[1:]:
+        sys.exit(f"cpt: error: {'; '.join(p for _, p in problems)}")
+    ARGV_PROBLEMS.extend(p for _, p in problems)
+    bad = {a for a, _ in problems}
+    return [a for a in argv if a not in bad]
+
+
 if __name__ == "__main__":
+    sys.argv = screen_overrides(sys.argv)
     main()
