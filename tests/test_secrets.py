@@ -143,3 +143,35 @@ def test_lock_files_follow_the_same_policy(tmp_path):
         pass
     assert os.stat(tmp_path / ".lock").st_mode & 0o777 == store.FILE_MODE
     assert Path(tmp_path / ".lock").read_text().startswith("pid ")
+
+
+RAY_AUTH_SCRIPT = """
+set -euo pipefail
+cd {repo}
+export PATH={bin}:$PATH RAY_NUM_CPUS=1
+unset RAY_AUTH_MODE RAY_AUTH_TOKEN RAY_ADDRESS
+source slurm/ray_cluster.sh
+ray_cluster_start
+echo "MODE=$RAY_AUTH_MODE TOKEN_LEN=${{#RAY_AUTH_TOKEN}}"
+python -c 'import ray; ray.init(address="auto", log_to_driver=False); print("WITH_TOKEN", len(ray.nodes()))'
+if env -u RAY_AUTH_TOKEN HOME={home} timeout 60 python -c \\
+    'import ray; ray.init(address="auto", log_to_driver=False)' 2>/dev/null; then
+  echo "NO_TOKEN_ACCEPTED"
+else
+  echo "NO_TOKEN_REFUSED"
+fi
+"""
+
+
+@pytest.mark.slow
+def test_ray_cluster_script_uses_token_auth(tmp_path):
+    """slurm/ray_cluster.sh heads demand Ray's token unless RAY_AUTH_MODE says otherwise."""
+    script = RAY_AUTH_SCRIPT.format(repo=REPO, bin=Path(sys.executable).parent, home=tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SLURM_"))}
+    proc = subprocess.run(
+        ["setsid", "bash", "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MODE=token TOKEN_LEN=64" in out and "WITH_TOKEN 1" in out, out
+    assert "NO_TOKEN_REFUSED" in out, out
