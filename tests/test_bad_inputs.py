@@ -1166,6 +1166,138 @@ def _(tmp):
     return store.write_shard(tmp, 0, pa.table({"text": ["a"]}), {})
 
 
+@case(
+    "store-symlinked-lock",
+    "store",
+    Raises(store.StoreError, r"\.lock is a symlink; refusing to follow it"),
+)
+def _(tmp):
+    (tmp / "victim").write_text("keep")
+    (tmp / "stage").mkdir()
+    (tmp / "stage" / ".lock").symlink_to(tmp / "victim")
+    try:
+        with store.stage_lock(tmp / "stage"):
+            pass
+    finally:
+        assert (tmp / "victim").read_text() == "keep"  # never truncated
+
+
+@case(
+    "store-name-escapes-run-dir",
+    "store",
+    Raises(store.StoreError, r"not a safe folder name", names="../../x"),
+)
+def _(tmp):
+    return store.Store(tmp).stage_dir("train", "0123456789abcdef", "../../x")
+
+
+@case(
+    "config-student-name-absolute",
+    "config",
+    Handled(
+        "validate (stage=check) names it",
+        lambda problems, tmp: (
+            [p for p in problems if p.startswith("student.name: '/tmp/x' is not a safe")]
+            or pytest.fail(str(problems))
+        ),
+    ),
+)
+def _(tmp):
+    from cpt.config import validate
+
+    return validate(compose("student.name=/tmp/x"))
+
+
+# ------------------------------------------------------------------- secrets
+
+_KEY = "sk-live-0123456789abcdefABCD"
+
+
+def _no_secret(secret: str, keep: str = ""):
+    def check(written: str, tmp):
+        assert secret not in written, written
+        assert keep in written, written
+
+    return check
+
+
+def _manifest_text(tmp: Path, **fields) -> str:
+    store.mark_done(tmp, {"key": "k", **fields})
+    return (tmp / store.MANIFEST).read_text()
+
+
+for _id, _fields, _secret in [
+    ("url-credentials", {"config": {"judge": {"base_url": f"https://u:{_KEY}@h/v1"}}}, _KEY),
+    ("bearer-in-params", {"params": {"headers": [f"Authorization: Bearer {_KEY}"]}}, _KEY),
+    ("export-in-flags", {"config": {"cluster": {"additional_parameters": {
+        "export": "ALL,HF_TOKEN=hf_0123456789abcdefghij"}}}}, "hf_0123456789abcdefghij"),
+    ("argv-github-token", {"argv": ["launch.py", "x=ghp_0123456789abcdefghijKLMN"]},
+     "ghp_0123456789abcdefghijKLMN"),
+    ("aws-key-in-text", {"params": {"note": "AKIA0123456789ABCDEF"}}, "AKIA0123456789ABCDEF"),
+    ("slack-token", {"params": {"hook": "xoxb-0123456789-abcdefghij"}}, "xoxb-0123456789"),
+]:  # fmt: skip
+    case(
+        f"secret-{_id}",
+        "secrets",
+        Handled("redacted by value in manifest.json", _no_secret(_secret, "<redacted>")),
+    )(lambda tmp, _f=_fields: _manifest_text(tmp, **_f))
+
+
+@case(
+    "secret-env-listed-in-secrets-env",
+    "secrets",
+    Handled("the variable's value is redacted wherever it appears", _no_secret("pa55-phrase-x")),
+)
+def _(tmp):
+    import os
+
+    os.environ["SITE_PASSPHRASE_VALUE"] = "pa55-phrase-x"
+    try:
+        return _manifest_text(
+            tmp, config={"secrets_env": ["SITE_PASSPHRASE_VALUE"]}, argv=["x=pa55-phrase-x"]
+        )
+    finally:
+        del os.environ["SITE_PASSPHRASE_VALUE"]
+
+
+@case(
+    "secret-max-new-tokens-kept",
+    "secrets",
+    Handled("a token *count* is not a secret", _no_secret("<redacted>", '"max_new_tokens": 64')),
+)
+def _(tmp):
+    return _manifest_text(tmp, params={"max_new_tokens": 64})
+
+
+# --------------------------------------------------------------- config prefixes
+
+
+for _prefix in ("+", "++"):
+    case(
+        f"config-unknown-key-{'plus' * len(_prefix)}",
+        "config",
+        Raises(ConfigError, r"train\.betta: unknown config key \(did you mean train\.beta\?\)",
+               names="train.betta"),
+    )(lambda tmp, _p=_prefix: compose(f"{_p}train.betta=0.1"))  # fmt: skip
+
+
+@case(
+    "config-unknown-key-argv",
+    "config",
+    Handled(
+        "screened before Hydra, one line naming the closest key",
+        lambda problems, tmp: problems == [
+            ("+engine.batchsize=4", "engine.batchsize: unknown config key "
+             "(did you mean engine.batch_size?)")
+        ] or pytest.fail(str(problems)),
+    ),
+)  # fmt: skip
+def _(tmp):
+    from cpt.config_keys import override_problems
+
+    return override_problems(["+engine.batchsize=4", "engine.batch_size=4"])
+
+
 # ------------------------------------------------------------------- judged rows
 
 
