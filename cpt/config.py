@@ -289,14 +289,19 @@ class ParallelConfig:
     address (`str`): Ray address; empty starts a local Ray, `auto` joins the running cluster.
     num_cpus (`int`): CPUs a local Ray may use; 0 = all.
     log_every_s (`float`): seconds between progress log lines when not on a terminal.
+    part_rows (`int`): rows per part-file inside a shard; a killed shard keeps its finished
+        parts and its re-run recomputes only the rest. 0 = the hf engine's batch_size, and
+        the whole shard for vllm/openai (whose throughput wants one big call per shard).
     """
 
     backend: str = "ray"
     address: str = ""
     num_cpus: int = 0
     log_every_s: float = 30.0
+    part_rows: int = 0
 
     def __post_init__(self) -> None:
+        check(self.part_rows >= 0, "parallel.part_rows", f"must be >= 0, got {self.part_rows}")
         check(
             self.backend in ("ray", "inline"),
             "parallel.backend",

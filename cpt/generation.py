@@ -122,7 +122,12 @@ def run_rows(
     label: str,
     should_stop=None,
 ) -> RunStats:
-    """`run_sharded` with the replica count and resources taken from the configs."""
+    """`run_sharded` with the replica count, resources and part size taken from the configs."""
+    from cpt.config import EngineKind
+
+    part_rows = parallel.part_rows
+    if not part_rows and (model.engine or engine.kind) in (EngineKind.hf, "hf"):
+        part_rows = engine.batch_size  # the engine runs calls of batch_size anyway
     return run_sharded(
         rows,
         out_dir,
@@ -136,6 +141,7 @@ def run_rows(
         log_every_s=parallel.log_every_s,
         label=label,
         should_stop=should_stop,
+        part_rows=part_rows,
     )
 
 
