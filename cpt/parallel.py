@@ -24,7 +24,9 @@ import logging
 import math
 import os
 import shutil
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +45,12 @@ Worker = Callable[[list[Row]], list[Row]]
 WorkerFactory = Callable[[], Worker]
 
 MAX_SHARD_ATTEMPTS = 3  # a shard whose worker died is retried on another replica
+WAIT_S = 5.0  # how often the driver checks that the Ray head still answers
+HEAD_LOST_S = 20.0  # then it stops, before Ray's own 60 s limit ends it without a word
+
+
+class RaySessionLost(store.StoreError):
+    """The Ray cluster (its head) went away under a running stage."""
 
 
 @dataclass(frozen=True)
@@ -381,11 +389,17 @@ def _run_ray(
             attempts[i] += 1
             in_flight[actor.run.remote(str(out_dir), i, payload[i], part_rows)] = (actor, i)
 
+    watch = HeadWatch(ray.get_runtime_context().gcs_address, str(out_dir), done)
     try:
         for actor in actors:
             dispatch(actor)
         while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=WAIT_S)
+            if watch.lost.is_set():
+                watch.noticed.set()
+                raise RaySessionLost(watch.message())
+            if not ready:
+                continue
             actor, i = in_flight.pop(ready[0])
             try:
                 done[i] = ray.get(ready[0])
@@ -413,9 +427,59 @@ def _run_ray(
                 actors.append(replacement)
                 dispatch(replacement)
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        watch.stop.set()
+        if watch.lost.is_set():  # nobody to talk to: leave without Ray's own time-out
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+        else:
+            for actor in actors:
+                ray.kill(actor)
     return retried
+
+
+class HeadWatch(threading.Thread):
+    """Watches the Ray head (GCS) while shards run. Ray ends a driver whose head is gone
+    after 60 s without a word, so once the head has not answered for `HEAD_LOST_S`, the
+    driver's loop raises `RaySessionLost`; if the loop is stuck inside Ray (e.g. creating a
+    replacement actor), this thread prints the same one line and ends the process (exit 1).
+    Finished shards and part-files are on disk either way."""
+
+    def __init__(self, gcs: str, out_dir: str, done: dict[int, dict]) -> None:
+        super().__init__(name="cpt-ray-head-watch", daemon=True)
+        self.gcs, self.out_dir, self.done = gcs, out_dir, done
+        self.lost, self.noticed, self.stop = threading.Event(), threading.Event(), threading.Event()
+        self.start()
+
+    def message(self) -> str:
+        return (
+            f"{self.out_dir}: the Ray session at {self.gcs} died (its head has not answered "
+            f"for {HEAD_LOST_S:.0f} s); {len(self.done)} finished shards are kept, re-run to "
+            "continue"
+        )
+
+    def run(self) -> None:
+        silent_since = None
+        while not self.stop.wait(WAIT_S / 5):
+            if _answers(self.gcs):
+                silent_since = None
+                continue
+            silent_since = silent_since or time.monotonic()
+            if time.monotonic() - silent_since >= HEAD_LOST_S:
+                self.lost.set()
+                if not (self.noticed.wait(2 * WAIT_S) or self.stop.is_set()):
+                    print(f"cpt: error: {self.message()}", file=sys.stderr, flush=True)
+                    os._exit(1)
+                return
+
+
+def _answers(address: str) -> bool:
+    """Whether the Ray head (GCS) at `host:port` accepts a connection."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def n_shards(n_rows: int, shard_size: int) -> int:
