@@ -130,3 +130,24 @@ def test_judge_agreement():
     assert (got["pairs"], got["compared"], got["failed_pairs"]) == (4, 3, 1)
     assert math.isclose(got["level_agreement"], 2 / 3)
     assert math.isclose(got["mean_abs_diff"], (20 + 45 + 4) / 3)
+
+
+def test_failed_generations_are_counted_per_model_and_never_scored():
+    import pandas as pd
+
+    from cpt.report import generation_failures, judged_frame
+
+    def row(i: int, model: str, gen_ok: bool, part: str = "humour") -> dict:
+        ok = gen_ok  # the judge refused failed generations: ok False, no score
+        return {"id": f"j{i}{part}", "gen_id": f"g{i}", "student": "s", "model": model,
+                "task_id": "t", "part_rubric": part, "part_level": "low", "sample_idx": 0,
+                "score": 10.0 if ok else None, "ok": ok, "generation_ok": gen_ok,
+                "not_judged": "" if gen_ok else "generation failed: not judged"}  # fmt: skip
+
+    rows = pd.DataFrame(
+        [row(1, "base", True), row(2, "base", False), row(2, "base", False, "concision"),
+         row(3, "cpt", True), row(4, "cpt", True)]
+    )  # fmt: skip
+    frame = judged_frame(rows)
+    assert len(frame) == 3 and frame["judge_ok"].all()  # not judge failures, not scores
+    assert generation_failures(rows) == {"base": 1, "cpt": 0}  # per response, per model
