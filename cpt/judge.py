@@ -18,6 +18,8 @@ cut is counted (`response_truncated`).
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import json
 import logging
 import re
@@ -104,10 +106,14 @@ def parse_judgement(text: str) -> tuple[float | None, str, str]:
     return float(score), critique, ""
 
 
-def judge_nonce() -> str:
-    """A fresh random tag for one judgement's delimiters (64 bits from `secrets`): a
-    response cannot know it in advance, and a re-run draws another."""
-    return secrets.token_hex(8).upper()
+def judge_nonce(key: bytes | None = None, *parts: str) -> str:
+    """The tag of one judgement's delimiters (64 bits): HMAC-SHA256 of `parts` (row id,
+    rubric) under a secret `key`, or fresh from `secrets` without a key. A response cannot
+    know it in advance; with the stage's key (`cpt.store.secret_file`, drawn with `secrets`
+    once per stage folder) a resumed stage gives the same prompts as an uninterrupted one."""
+    if key is None:
+        return secrets.token_hex(8).upper()
+    return hmac.new(key, "\0".join(parts).encode(), hashlib.sha256).hexdigest()[:16].upper()
 
 
 @dataclass(frozen=True)
@@ -196,9 +202,11 @@ def judge_grid(
     tag: str,
     parts: Callable[[dict], list[tuple[str, str]]],
     meta: Callable[[dict], dict],
+    nonce_key: bytes | None = None,
 ) -> list[dict]:
     """Judge work rows: one per (response, rubric part), the prompt holding the full rubric,
-    the task and the response between delimiters tagged with a fresh nonce (column `nonce`).
+    the task and the response between delimiters tagged with a nonce (column `nonce`) that
+    `judge_nonce` derives from `nonce_key` (the stage's secret; None: a fresh random key).
     `parts` gives a response's (rubric, level) parts; `meta` the columns carried to the
     output row. Column `not_judged` says why a row is not sent to the judge ("" if it is):
     a failed generation, or a response or task holding the nonce. Column
@@ -209,11 +217,12 @@ def judge_grid(
 
     rubrics = {r.name: r for r in load_selected_rubrics(cfg)}
     fitter = ResponseFitter(cfg.judge)
+    key = nonce_key if nonce_key is not None else secrets.token_bytes(32)
     rows = []
     for g in responses:
         task = tasks[g["task_id"]]
         for part_rubric, part_level in parts(g):
-            nonce = judge_nonce()
+            nonce = judge_nonce(key, tag, g["id"], part_rubric)
             rubric = rubrics[part_rubric]
             response, cut = fitter.fit(
                 functools.partial(judge_messages, cfg.prompts, rubric, task, nonce=nonce),

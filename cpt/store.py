@@ -307,6 +307,35 @@ def stage_lock(stage_dir: Path, wait: bool = False) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def secret_file(path: str | Path) -> bytes:
+    """A random 32-byte secret kept in `path`: drawn once with `secrets` (the first caller
+    wins, atomically), then read back, so a resumed stage uses the same one. Readable by the
+    owner and, per the umask, the group (who resume the run), never by others."""
+    import secrets
+
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, FILE_MODE & 0o660)
+            os.write(fd, secrets.token_bytes(32))
+            os.fsync(fd)
+            os.close(fd)
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)  # create-if-absent: a concurrent first caller may win
+        finally:
+            os.unlink(tmp)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        data = os.read(fd, 64)
+    finally:
+        os.close(fd)
+    if len(data) != 32:
+        raise StoreError(f"{path}: not a 32-byte secret; delete it and re-run the stage")
+    return data
+
+
 def private_dir(path: str | Path) -> Path:
     """A folder only its owner can enter (0700), e.g. for job pickles that a job runs."""
     path = Path(path)
