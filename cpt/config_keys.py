@@ -3,7 +3,8 @@
 Hydra refuses `train.betta=0.1` (in seven lines that list no valid key) and suggests
 `+train.betta=0.1`, which it then accepts silently, as it accepts `++train.betta=0.1`.
 Here every override on the command line and every key of the composed config is checked
-against the schema (`cpt.config.CptConfig` and the dataclasses under it): a key that is not
+against the schema (the root dataclass, `cpt.config.CptConfig`, and those under it; passed
+in, so this module imports no config): a key that is not
 a field, not under a free-form field (a `dict` or `list`, such as
 `cluster.additional_parameters`) and not a config group is reported as
 
@@ -48,16 +49,15 @@ def _paths(cls: type, prefix: str = "") -> dict[str, bool]:
 
 
 @functools.cache
-def schema_paths() -> dict[str, bool]:
-    """Every dotted key of the schema -> whether any key below it is allowed (dict/list)."""
-    from cpt.config import CptConfig
+def schema_paths(root: type) -> dict[str, bool]:
+    """Every dotted key of the schema `root` (a dataclass, e.g. `cpt.config.CptConfig`)
+    -> whether any key below it is allowed (a dict or list field)."""
+    return _paths(root)
 
-    return _paths(CptConfig)
 
-
-def unknown_key(key: str, groups: tuple[str, ...] = ()) -> str | None:
+def unknown_key(root: type, key: str, groups: tuple[str, ...] = ()) -> str | None:
     """The one-line problem with `key` (dotted), or None when the schema has it."""
-    paths = schema_paths()
+    paths = schema_paths(root)
     parts = key.split(".")
     if key in paths or key in groups:
         return None
@@ -91,28 +91,30 @@ def override_key(arg: str) -> str | None:
     return key
 
 
-def override_problems(args: list[str], conf_dir: Path = CONF_DIR) -> list[tuple[str, str]]:
+def override_problems(
+    root: type, args: list[str], conf_dir: Path = CONF_DIR
+) -> list[tuple[str, str]]:
     """(argument, problem) for each command-line override naming an unknown key."""
     groups = config_groups(conf_dir)
     out = []
     for arg in args:
         key = override_key(arg)
-        problem = unknown_key(key, groups) if key else None
+        problem = unknown_key(root, key, groups) if key else None
         if problem:
             out.append((arg, problem))
     return out
 
 
-def composed_problems(node: Any, prefix: str = "") -> list[str]:
-    """Unknown keys anywhere in a composed config (an OmegaConf DictConfig or a dict)."""
-    paths = schema_paths()
+def composed_problems(root: type, node: Any, prefix: str = "") -> list[str]:
+    """Unknown keys anywhere in a composed config (a plain dict of the OmegaConf node)."""
+    paths = schema_paths(root)
     out = []
     for key in node:
         path = f"{prefix}{key}"
         if path not in paths:
-            problem = unknown_key(path)
+            problem = unknown_key(root, path)
             if problem:
                 out.append(problem)
         elif not paths[path] and hasattr(node[key], "keys"):
-            out += composed_problems(node[key], path + ".")
+            out += composed_problems(root, node[key], path + ".")
     return out

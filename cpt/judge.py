@@ -30,6 +30,7 @@ from typing import Any
 
 from cpt.engines.base import Completion, Engine, Request, Sampling
 from cpt.prompts import JUDGE_SCHEMA, fill
+from cpt.rows import work_row
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,6 @@ def judge_grid(
     output row. Column `not_judged` says why a row is not sent to the judge ("" if it is):
     a failed generation, or a response or task holding the nonce. Column
     `response_truncated` marks responses cut to fit the judge's context."""
-    from cpt.generation import work_row
     from cpt.prompts import judge_messages, load_selected_rubrics
     from cpt.store import content_hash
 

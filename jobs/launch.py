@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
 from cpt import pipeline
-from cpt.config import ConfigError, register_configs, to_config, validate
+from cpt.config import ConfigError, CptConfig, register_configs, to_config, validate
 from cpt.config_keys import override_problems
 from cpt.rubric import RubricError
 from cpt.store import StoreError, redact_file
@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> None:
     redact_hydra_files(list(cfg.get("secrets_env") or []))
     try:
         if ARGV_PROBLEMS:  # stage=check: every problem at once, these first
-            from cpt.stages.check import run_check
+            from cpt.commands.check import run_check
 
             config = to_config(cfg)
             run_check(config, ARGV_PROBLEMS + validate(config))
@@ -53,7 +53,7 @@ def main(cfg: DictConfig) -> None:
 def redact_hydra_files(secrets_env: list[str]) -> None:
     """Hydra has just saved the composed config, its own config and the overrides under
     `<output dir>/.hydra/` (and `multirun.yaml` in a sweep folder); rewrite them with
-    secrets redacted (`cpt.store.redact`) before anything else runs."""
+    secrets redacted (`cpt.redact.redact`) before anything else runs."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -72,7 +72,7 @@ def screen_overrides(argv: list[str]) -> list[str]:
     """Refuse unknown keys before Hydra sees them, whatever their prefix (`train.betta`,
     `+train.betta`, `++train.betta`): one line naming the closest key. With stage=check
     they are left out of the composition and reported with every other problem."""
-    problems = override_problems(argv[1:])
+    problems = override_problems(CptConfig, argv[1:])
     if not problems:
         return argv
     if "stage=check" not in argv[1:]:

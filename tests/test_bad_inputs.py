@@ -1293,9 +1293,10 @@ for _prefix in ("+", "++"):
     ),
 )  # fmt: skip
 def _(tmp):
+    from cpt.config import CptConfig
     from cpt.config_keys import override_problems
 
-    return override_problems(["+engine.batchsize=4", "engine.batch_size=4"])
+    return override_problems(CptConfig, ["+engine.batchsize=4", "engine.batch_size=4"])
 
 
 # ------------------------------------------------------------------- judged rows

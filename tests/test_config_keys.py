@@ -11,13 +11,13 @@ import re
 import pytest
 from conftest import compose, launch
 
-from cpt.config import ConfigError
+from cpt.config import ConfigError, CptConfig
 from cpt.config_keys import override_key, override_problems
 
 
 @pytest.mark.parametrize("prefix", ["", "+", "++"])
 def test_every_prefix_is_screened(prefix):
-    ((arg, problem),) = override_problems([f"{prefix}train.betta=0.1", "train.beta=0.2"])
+    ((arg, problem),) = override_problems(CptConfig, [f"{prefix}train.betta=0.1", "train.beta=0.2"])
     assert arg == f"{prefix}train.betta=0.1"
     assert problem == "train.betta: unknown config key (did you mean train.beta?)"
 
@@ -29,7 +29,7 @@ def test_valid_overrides_pass():
         "tasks.sources=[{kind: shipped}]", "judge.sampling.max_new_tokens=8", "~engine.kind",
         "student@judge=tiny",
     ]  # fmt: skip
-    assert override_problems(ok) == []
+    assert override_problems(CptConfig, ok) == []
     assert override_key("~engine.kind") == "engine.kind" and override_key("-m") is None
 
 
