@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 _THINK = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
 _FENCE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.DOTALL)
 KEYS = ("critique", "score")
+JUDGE_KEY = ".judge-key"  # in a judging stage's folder: the secret its delimiter nonces use
 
 
 @dataclass(frozen=True)
