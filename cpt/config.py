@@ -325,6 +325,9 @@ class ClusterConfig:
     constraint (`str`): sbatch --constraint of GPU stage jobs (a GPU-node feature).
     signal_delay_s (`int`): USR2 this long before the time limit: checkpoint and requeue.
     max_requeue (`int`): time-outs a stage job may requeue itself after (preemptions are free).
+    checkpoint_every_min (`float`): training also saves a checkpoint when this many minutes
+        passed since the last one (besides every train.save_steps), so a job killed with no
+        signal at all (a lost node, a site that sends none) loses at most that much; 0 = off.
     nodes (`int`): nodes of a GPU data-stage job; > 1 starts a Ray cluster across them.
     cpu_partition (`str`): partition of CPU-only stage jobs (unset = partition).
     cpu_mem_gb (`int`): memory of CPU-only stage jobs (0 = mem_gb).
@@ -342,6 +345,7 @@ class ClusterConfig:
     constraint: str | None = None
     signal_delay_s: int = 120
     max_requeue: int = 3
+    checkpoint_every_min: float = 30.0
     nodes: int = 1
     cpu_partition: str | None = None
     cpu_mem_gb: int = 0
@@ -350,6 +354,7 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         for key, low in [
             *[(k, 0) for k in ("gpus_per_node", "cpu_mem_gb", "max_requeue", "signal_delay_s")],
+            ("checkpoint_every_min", 0),
             *[(k, 1) for k in ("cpus_per_task", "mem_gb", "time_min", "nodes")],
         ]:
             value = getattr(self, key)

@@ -175,3 +175,4 @@ def test_ray_cluster_script_uses_token_auth(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MODE=token TOKEN_LEN=64" in out and "WITH_TOKEN 1" in out, out
     assert "NO_TOKEN_REFUSED" in out, out
+
