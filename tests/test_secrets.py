@@ -176,3 +176,38 @@ def test_ray_cluster_script_uses_token_auth(tmp_path):
     assert "MODE=token TOKEN_LEN=64" in out and "WITH_TOKEN 1" in out, out
     assert "NO_TOKEN_REFUSED" in out, out
 
+
+RAY_AUTH_PY = """
+import os, subprocess, sys
+import ray
+from cpt.cluster import ray_cluster
+
+with ray_cluster(num_cpus=1) as address:
+    print("MODE", os.environ["RAY_AUTH_MODE"], len(os.environ["RAY_AUTH_TOKEN"]))
+    ray.init(address=address, log_to_driver=False)
+    print("NODES", len(ray.nodes()))
+    ray.shutdown()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
+    env["HOME"] = sys.argv[1]
+    probe = "import ray; ray.init(address=%r, log_to_driver=False)" % address
+    rc = subprocess.run([sys.executable, "-c", probe], env=env, timeout=120,
+                        capture_output=True).returncode
+    print("NO_TOKEN_RC", rc)
+print("AFTER", os.environ.get("RAY_AUTH_MODE"), os.environ.get("RAY_AUTH_TOKEN"))
+"""
+
+
+@pytest.mark.slow
+def test_python_ray_cluster_uses_token_auth(tmp_path):
+    """cpt.cluster.ray_cluster (multi-node stage jobs) demands Ray's token by default."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SLURM_"))}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", RAY_AUTH_PY, str(tmp_path)],
+        capture_output=True, text=True, timeout=400, env=env, cwd=REPO,
+    )  # fmt: skip
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MODE token 64" in out and "NODES 1" in out, out
+    assert "NO_TOKEN_RC 0" not in out and "NO_TOKEN_RC" in out, out  # refused without it
+    assert "AFTER None None" in out  # the token leaves the environment with the cluster
