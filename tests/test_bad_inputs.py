@@ -1299,6 +1299,144 @@ def _(tmp):
     return override_problems(CptConfig, ["+engine.batchsize=4", "engine.batch_size=4"])
 
 
+@case(
+    "secret-in-hydra-saved-config",
+    "secrets",
+    Handled("Hydra's saved .hydra/*.yaml rewritten redacted", _no_secret(_KEY, "<redacted>")),
+)
+def _(tmp):
+    saved = tmp / "overrides.yaml"
+    saved.write_text(yaml.safe_dump([f"judge.base_url=https://user:{_KEY}@h/v1", "seed=1"]))
+    store.redact_file(saved)
+    return saved.read_text()
+
+
+@case(
+    "store-symlinked-ledger-lock",
+    "store",
+    Raises(store.StoreError, r"submit\.lock is a symlink; refusing to follow it"),
+)
+def _(tmp):
+    from cpt.slurm import jobs
+
+    (tmp / "victim").write_text("keep")
+    (tmp / ".slurm").mkdir()
+    (tmp / ".slurm" / "submit.lock").symlink_to(tmp / "victim")
+    try:
+        with jobs.submission_lock(tmp):
+            pass
+    finally:
+        assert (tmp / "victim").read_text() == "keep"
+
+
+def _modes(result, tmp):
+    shard_mode, slurm_mode = result
+    assert shard_mode == store.FILE_MODE and shard_mode & 0o040, oct(shard_mode)  # group reads
+    assert slurm_mode == 0o700, oct(slurm_mode)  # job pickles: the owner only
+
+
+@case(
+    "store-file-modes",
+    "store",
+    Handled("results follow the umask (group-readable), .slurm is private", _modes),
+)
+def _(tmp):
+    import os
+
+    store.write_shard(tmp, 0, pa.table({"id": ["a"]}), {})
+    store.private_dir(tmp / ".slurm")
+    return (
+        os.stat(store.shard_path(tmp, 0)).st_mode & 0o777,
+        os.stat(tmp / ".slurm").st_mode & 0o777,
+    )
+
+
+@case(
+    "slurm-wait-inside-allocation",
+    "slurm",
+    Raises(store.StoreError, r"wait=true inside Slurm job 77: .*deadlock", names="wait=true"),
+)
+def _(tmp):
+    import os
+
+    from cpt import pipeline
+
+    os.environ["SLURM_JOB_ID"] = "77"
+    try:
+        return pipeline.run(compose(f"run_dir={tmp}", "cluster=ci", "wait=true"))
+    finally:
+        del os.environ["SLURM_JOB_ID"]
+
+
+def _nonces(result, tmp):
+    first, again, other = result
+    assert first == again, "a resumed stage must see the same nonces"
+    assert first != other, "another stage folder draws another secret"
+
+
+@case(
+    "judge-nonce-not-predictable",
+    "judge",
+    Handled("nonce = HMAC under a secret drawn once per stage folder", _nonces),
+)
+def _(tmp):
+    from cpt.judge import JUDGE_KEY, judge_nonce
+
+    key = store.secret_file(tmp / "a" / JUDGE_KEY)
+    again = store.secret_file(tmp / "a" / JUDGE_KEY)
+    other = store.secret_file(tmp / "b" / JUDGE_KEY)
+    return (judge_nonce(key, "adh", "g1", "r"), judge_nonce(again, "adh", "g1", "r"),
+            judge_nonce(other, "adh", "g1", "r"))  # fmt: skip
+
+
+def _other_folder(result, tmp):
+    first, other = result
+    assert first != other and first.name.split("-")[0] == "tiny"
+
+
+@case(
+    "cache-keyed-by-library-versions",
+    "models",
+    Handled("a tiny model cached under other transformers versions is not reused", _other_folder),
+)
+def _(tmp):
+    from cpt.models import tiny
+
+    real_build, real_versions = tiny._build, tiny.library_versions
+    tiny._build = lambda spec, out: (out / "model.safetensors").write_bytes(b"")
+    try:
+        first = tiny.tiny_model_dir("tiny", tmp)
+        tiny.library_versions = lambda: {**real_versions(), "transformers": "4.0.0"}
+        return first, tiny.tiny_model_dir("tiny", tmp)
+    finally:
+        tiny._build, tiny.library_versions = real_build, real_versions
+
+
+def _make_failed(proc, tmp):
+    assert proc.returncode != 0 and "no tests ran" in proc.stdout, proc.stdout[-500:]
+
+
+@case(
+    "ci-no-tests-collected",
+    "ci",
+    Handled("`make test` fails (pytest exit 5) instead of passing", _make_failed),
+)
+def _(tmp):
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    if shutil.which("make") is None:
+        pytest.skip("needs make")
+    return subprocess.run(
+        ["make", "-o", ".venv/.installed-dev,cpu-vllm", "test", "EXTRAS=dev,cpu-vllm",
+         f"PY={sys.executable}", f"PYTEST_ARGS={tmp} -p no:cacheprovider -q"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------- judged rows
 
 
