@@ -288,11 +288,11 @@ class ResponseFitter:
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        from cpt.models.tiny import resolve_model_path
+        from cpt.models import resolve_model_path
 
         try:
             return AutoTokenizer.from_pretrained(
-                resolve_model_path(self.model.path),
+                resolve_model_path(self.model.path, self.model.gguf_file),
                 revision=self.model.revision,
                 trust_remote_code=bool(self.model.trust_remote_code),
             )
