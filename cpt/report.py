@@ -108,17 +108,19 @@ def table3(summaries: dict[str, dict[str, dict[str, Any]]], paths: dict[str, str
     for student, by_model in sorted(summaries.items()):
         base, cpt = by_model.get("base"), by_model.get("cpt")
         cells = []
-        for m in METRICS:
+        for m in METRICS:  # a model may have no judged rows (all cut at max_new_tokens)
             b = fmt_ci(base[m], base[f"{m}_ci"]) if base else "-"
-            cells.append(f"{b} → {fmt_ci(cpt[m], cpt[m + '_ci'])}")
+            c = fmt_ci(cpt[m], cpt[f"{m}_ci"]) if cpt else "-"
+            cells.append(f"{b} → {c}")
         paper = PAPER_TABLE3.get(paths.get(student, ""))
         ptext = (
             "; ".join(f"{LABELS[m]} {paper[m][0]:.2f} → {paper[m][1]:.2f}" for m in METRICS)
             if paper
             else "-"
         )
-        fails = f"{base['judge_failures'] if base else '-'} / {cpt['judge_failures']}"
-        lines.append(f"| {student} | {cpt['n']} | " + " | ".join(cells) + f" | {ptext} | {fails} |")
+        fails = " / ".join(str(s["judge_failures"]) if s else "-" for s in (base, cpt))
+        n = (cpt or base)["n"]
+        lines.append(f"| {student} | {n} | " + " | ".join(cells) + f" | {ptext} | {fails} |")
     return "\n".join(lines)
 
 
