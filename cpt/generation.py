@@ -67,40 +67,32 @@ class GenerateFactory:
 
 @dataclass(frozen=True)
 class JudgeFactory:
-    """Builds a worker that judges rows (`messages` = the judge prompt) with retries.
-
-    Rows marked `truncated` (their response hit max_new_tokens) are not sent to the judge
-    unless `judge_truncated`: they get `ok=False`, no score and the error `cpt.judge.TRUNCATED`,
-    so metrics leave them out and reports count them as their own category.
-    """
+    """Builds a worker that judges rows (`messages` = the judge prompt) with retries."""
 
     model: ModelConfig
     engine: EngineConfig
     repair_template: str
     max_attempts: int
-    judge_truncated: bool = False
 
     def __call__(self):
         from cpt.engines import build_engine
-        from cpt.judge import NOT_JUDGED, JudgeItem, judge_all
+        from cpt.judge import JudgeItem, judge_all
 
         engine = build_engine(self.model, self.engine)
 
         def work(rows: list[Row]) -> list[Row]:
-            # a response cut at max_new_tokens is never judged as if complete: counted apart
             items = [
-                JudgeItem(r["id"], tuple(json.loads(r["messages"])), r["seed"])
+                JudgeItem(
+                    r["id"], tuple(json.loads(r["messages"])), r["seed"], r.get("not_judged") or ""
+                )
                 for r in rows
-                if self.judge_truncated or not r.get("truncated")
             ]
-            judged, completions = judge_all(
+            verdicts, completions = judge_all(
                 engine, items, sampling_of(self.model, 0), self.repair_template, self.max_attempts
             )
-            by_id = dict(zip((it.id for it in items), judged))
-            verdicts = [by_id.get(r["id"], NOT_JUDGED) for r in rows]
-            tokens: dict[str, int] = {r["id"]: 0 for r in rows}
+            tokens: dict[str, int] = {}
             for c in completions:
-                tokens[c.id] += c.completion_tokens
+                tokens[c.id] = tokens.get(c.id, 0) + c.completion_tokens
             return [
                 {
                     "id": r["id"],
@@ -111,7 +103,7 @@ class JudgeFactory:
                     "error": v.error,
                     "attempts": v.attempts,
                     "raw": v.raw,
-                    "completion_tokens": tokens[r["id"]],
+                    "completion_tokens": tokens.get(r["id"], 0),
                 }
                 for r, v in zip(rows, verdicts)
             ]
@@ -130,7 +122,12 @@ def run_rows(
     label: str,
     should_stop=None,
 ) -> RunStats:
-    """`run_sharded` with the replica count and resources taken from the configs."""
+    """`run_sharded` with the replica count, resources and part size taken from the configs."""
+    from cpt.config import EngineKind
+
+    part_rows = parallel.part_rows
+    if not part_rows and (model.engine or engine.kind) in (EngineKind.hf, "hf"):
+        part_rows = engine.batch_size  # the engine runs calls of batch_size anyway
     return run_sharded(
         rows,
         out_dir,
@@ -144,4 +141,5 @@ def run_rows(
         log_every_s=parallel.log_every_s,
         label=label,
         should_stop=should_stop,
+        part_rows=part_rows,
     )

@@ -49,7 +49,12 @@ LABELS = {"accuracy": "Acc", "kendall_tau": "Kendall τ", "spearman_rho": "Spear
 
 
 def judged_frame(rows: pd.DataFrame) -> pd.DataFrame:
-    """Evaluation judgements -> the frame `cpt.metrics` expects (one row per rubric part)."""
+    """Evaluation judgements -> the frame `cpt.metrics` expects (one row per rubric part).
+
+    Rows of failed student generations are left out: they were never judged, so they are
+    neither a score nor a judge failure (`generation_failures` counts them)."""
+    if "generation_ok" in rows:
+        rows = rows[rows["generation_ok"].fillna(True).astype(bool)]
     return pd.DataFrame(
         {
             "student": rows["student"],
@@ -62,6 +67,16 @@ def judged_frame(rows: pd.DataFrame) -> pd.DataFrame:
             "sample_idx": rows["sample_idx"],
         }
     )
+
+
+def generation_failures(rows: pd.DataFrame) -> dict[str, int]:
+    """model -> student generations that failed (counted per response, not per rubric part)."""
+    if "generation_ok" not in rows or rows.empty:
+        return {}
+    failed = rows[~rows["generation_ok"].fillna(True).astype(bool)]
+    per_model = failed.drop_duplicates("gen_id").groupby("model").size()
+    models = sorted(rows["model"].unique())
+    return {m: int(per_model.get(m, 0)) for m in models}
 
 
 def fmt(x: float | None, digits: int = 2) -> str:
@@ -93,17 +108,19 @@ def table3(summaries: dict[str, dict[str, dict[str, Any]]], paths: dict[str, str
     for student, by_model in sorted(summaries.items()):
         base, cpt = by_model.get("base"), by_model.get("cpt")
         cells = []
-        for m in METRICS:
+        for m in METRICS:  # a model may have no judged rows (all cut at max_new_tokens)
             b = fmt_ci(base[m], base[f"{m}_ci"]) if base else "-"
-            cells.append(f"{b} → {fmt_ci(cpt[m], cpt[m + '_ci'])}")
+            c = fmt_ci(cpt[m], cpt[f"{m}_ci"]) if cpt else "-"
+            cells.append(f"{b} → {c}")
         paper = PAPER_TABLE3.get(paths.get(student, ""))
         ptext = (
             "; ".join(f"{LABELS[m]} {paper[m][0]:.2f} → {paper[m][1]:.2f}" for m in METRICS)
             if paper
             else "-"
         )
-        fails = f"{base['judge_failures'] if base else '-'} / {cpt['judge_failures']}"
-        lines.append(f"| {student} | {cpt['n']} | " + " | ".join(cells) + f" | {ptext} | {fails} |")
+        fails = " / ".join(str(s["judge_failures"]) if s else "-" for s in (base, cpt))
+        n = (cpt or base)["n"]
+        lines.append(f"| {student} | {n} | " + " | ".join(cells) + f" | {ptext} | {fails} |")
     return "\n".join(lines)
 
 

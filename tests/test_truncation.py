@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 from conftest import compose
 
 from cpt.generation import JudgeFactory
-from cpt.judge import TRUNCATED
+from cpt.judge import TRUNCATED, condition_parts, judge_grid
 from cpt.stages.adherence import table2
 from cpt.stages.pairs import build_pairs
 
@@ -35,17 +33,20 @@ def test_truncated_generations_are_left_out_of_pairs_and_counted():
 
 
 def test_truncated_responses_are_not_judged_but_counted(tiny_dir):
-    cfg = compose()
-    msgs = json.dumps([{"role": "user", "content": 'Answer {"critique": "ok", "score": 50}'}])
-    rows = [
-        {"id": f"j{i}", "messages": msgs, "seed": i, "part_rubric": "concision",
-         "truncated": cut, "kind": "rubric", "part_level": "low"}
-        for i, cut in enumerate((False, True))
-    ]  # fmt: skip
+    cfg = compose("rubrics.include=[concision]")
+    responses = [
+        {**g, "text": '{"critique": "ok", "score": 50}'}
+        for g in gens({"low": "stop", "moderate": "length"})
+    ]
+    tasks = {"t-1": "Write a note."}
     for judge_truncated in (False, True):
-        work = JudgeFactory(cfg.judge, cfg.engine, "again", 1, judge_truncated)()
-        judged, cut = work(rows)
-        assert judged["attempts"] == 1 and judged["truncated"] is False
+        rows = judge_grid(
+            cfg, tasks, responses, "t", condition_parts, lambda g: {"kind": g["kind"]},
+            b"k" * 32, judge_truncated,
+        )  # fmt: skip
+        assert [r["truncated"] for r in rows] == [False, True]  # visible either way
+        judged, cut = JudgeFactory(cfg.judge, cfg.engine, "again", 1)()(rows)
+        assert judged["attempts"] == 1 and judged["error"] != TRUNCATED
         if judge_truncated:
             assert cut["attempts"] == 1 and cut["error"] != TRUNCATED
         else:  # never sent to the judge: no score, no tokens, its own error

@@ -28,6 +28,7 @@ from cpt.engines.base import (
     injects_default_system,
     request_seed,
 )
+from cpt.engines.plaintext import chat_prompt_ids
 from cpt.engines.reasoning import split_reasoning, splits_reasoning, template_kwargs
 from cpt.engines.schema import compile_json_schema, schema_text
 from cpt.models import resolve_model_path
@@ -42,7 +43,8 @@ class HFEngine:
     """transformers `AutoModelForCausalLM` behind the `Engine` interface.
 
     - Prompts: the tokenizer's chat template on `fold_system(messages, model.system_role)`,
-      tokenized without extra special tokens (the template already has them). A template
+      tokenized without extra special tokens (the template already has them); message
+      contents are plain text, never control tokens (`cpt.engines.plaintext`). A template
       that injects its own default system prompt gets an explicit empty system turn instead
       (`blank_system`); `template_kwargs(model)` (e.g. `enable_thinking`) go to the template.
     - Reasoning models (`model.reasoning` disabled/enabled): `<think>` text goes to
@@ -194,10 +196,8 @@ class HFEngine:
         messages = fold_system(req.messages, self.model_cfg.system_role)
         if self.blank_system:
             messages = blank_system(messages)
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **self.template_kwargs
-        )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # contents stay plain text; template_kwargs e.g. enable_thinking
+        return chat_prompt_ids(self.tokenizer, messages, **self.template_kwargs)
 
     def _generate_batch(self, reqs: list[Request], prompts: list[list[int]]) -> list[Completion]:
         import torch

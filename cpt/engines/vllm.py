@@ -25,6 +25,7 @@ from cpt.engines.base import (
     injects_default_system,
     request_seed,
 )
+from cpt.engines.plaintext import chat_prompt_ids
 from cpt.engines.reasoning import split_reasoning, splits_reasoning, template_kwargs
 from cpt.engines.schema import schema_text
 from cpt.models import resolve_model_path
@@ -59,6 +60,7 @@ class VLLMEngine:
       model.system_role)` here (not by `LLM.chat`), so the prompt length is known before
       submission: a prompt that does not fit `max_model_len` becomes an error completion
       instead of failing the whole call, and `max_tokens` is capped to the room left.
+      Message contents are plain text, never control tokens (`cpt.engines.plaintext`).
     - Sampling: `SamplingParams(max_tokens, temperature, top_p, seed=request_seed(req))`;
       per-request seeds make samples independent of batch composition.
     - JSON schema: `structured_outputs=StructuredOutputsParams(json=schema)` with the engine
@@ -286,10 +288,8 @@ class VLLMEngine:
         messages = fold_system(req.messages, self.model_cfg.system_role)
         if self.blank_system:
             messages = blank_system(messages)
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **self.template_kwargs
-        )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # contents stay plain text; template_kwargs e.g. enable_thinking
+        return chat_prompt_ids(self.tokenizer, messages, **self.template_kwargs)
 
     def _params(self, req: Request, room: int) -> Any:
         from vllm import SamplingParams

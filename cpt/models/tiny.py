@@ -57,13 +57,31 @@ class TinySpec:
 VARIANTS = {"tiny": TinySpec(system_role=True), "tiny_nosys": TinySpec(system_role=False)}
 
 
+# the libraries whose versions shape the built files (config.json fields, tokenizer.json
+# layout, initial weights): a cache built under other versions is another folder
+SHAPING_LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors")
+
+
+def library_versions(names: tuple[str, ...] = SHAPING_LIBRARIES) -> dict[str, str]:
+    """Installed versions of `names` (part of every built-in model's cache key)."""
+    from importlib import metadata
+
+    return {name: metadata.version(name) for name in names}
+
+
 def tiny_model_dir(variant: str = "tiny", cache_dir: str | Path | None = None) -> Path:
     """Folder of the tiny model ``variant``, built on first use (safe under concurrency)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny model {variant!r}; known: {', '.join(VARIANTS)}")
     spec = VARIANTS[variant]
     key = content_hash(
-        {"v": BUILDER_VERSION, "spec": asdict(spec), "corpus": file_sha256(CORPUS)}, 12
+        {
+            "v": BUILDER_VERSION,
+            "spec": asdict(spec),
+            "corpus": file_sha256(CORPUS),
+            "libs": library_versions(),
+        },
+        12,
     )
     root = Path(cache_dir) if cache_dir else cache_root()
     return build_once(root / f"{variant}-{key}", lambda out: _build(spec, out), "model.safetensors")

@@ -16,7 +16,7 @@ from cpt import store
 from cpt.config import CptConfig
 from cpt.generation import GenerateFactory, JudgeFactory, run_rows
 from cpt.graph import StageContext, StageSpec
-from cpt.judge import condition_parts, judge_grid
+from cpt.judge import JUDGE_KEY, condition_parts, judge_grid
 from cpt.prompts import (
     conditions,
     load_selected_rubrics,
@@ -106,13 +106,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "response": g["text"],
             "generation_ok": g["ok"],
         },
+        store.secret_file(ctx.out_dir / JUDGE_KEY),  # delimiter nonces: secret, resumable
+        cfg.evaluate.judge_truncated,
     )
     factory = JudgeFactory(
-        cfg.judge,
-        cfg.engine,
-        cfg.prompts.judge_repair,
-        cfg.evaluate.judge_max_attempts,
-        cfg.evaluate.judge_truncated,
+        cfg.judge, cfg.engine, cfg.prompts.judge_repair, cfg.evaluate.judge_max_attempts
     )
     stats = run_rows(
         judge_rows,

@@ -33,7 +33,7 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir).absolute()
     scale = cfg.levels.scale
     evals = finished(run_dir, "evaluate")
-    frames, paths, manifests, agreements, calibrations = [], {}, {}, {}, []
+    frames, paths, manifests, agreements, gen_failures, calibrations = [], {}, {}, {}, {}, []
     truncated: dict[str, dict[str, int]] = {}  # student -> model -> responses not judged
     for d in evals:
         m = store.read_json(d / "manifest.json")
@@ -46,6 +46,7 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
             truncated[student] = judged[cut].groupby("model").size().to_dict()
             judged = judged[~cut]
         frames.append(report.judged_frame(judged))
+        gen_failures[student] = report.generation_failures(judged)
         if m["config"].get("judge", {}).get("kind", "model") != "program":
             cal = calibration.program_calibration(judged, scale)
             calibrations += [{"student": student, **r} for r in cal.to_dict("records")]
@@ -157,6 +158,13 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         "",
         *[f"- {s}: " + ", ".join(f"{m} {n}" for m, n in by.items()) for s, by in failures.items()],
         "",
+        "## Generation failures (student responses that failed; never judged, not in the metrics)",
+        "",
+        *[
+            f"- {s}: " + ", ".join(f"{m} {n}" for m, n in by.items())
+            for s, by in sorted(gen_failures.items())
+        ],
+        "",
         "## Truncated responses (cut at max_new_tokens: not judged, not in the metrics)",
         "",
         *[f"- {s}: " + ", ".join(f"{m} {n}" for m, n in by.items()) for s, by in truncated.items()],
@@ -197,6 +205,7 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         "rows": len(df),
         "agreement": agreements,
         "judge_failures": failures,
+        "generation_failures": gen_failures,
         "truncated_responses": truncated,
     }
 
