@@ -14,8 +14,8 @@ from cpt import program_judges as pj
 from cpt.config import ConfigError, ModelConfig, ModelKind, validate
 from cpt.engines import build_engine
 from cpt.engines.base import Request
-from cpt.judge import JudgeItem, judge_all
-from cpt.prompts import judge_messages, judge_nonce, load_selected_rubrics
+from cpt.judge import JudgeItem, judge_all, judge_nonce
+from cpt.prompts import judge_messages, load_selected_rubrics
 
 
 def n_words(n: int) -> str:
@@ -98,7 +98,7 @@ def judge_prompt(rubric_name: str, response: str, row: str = "g1"):
     cfg = compose("rubrics=verifiable", "judge=program")
     rubric = {r.name: r for r in load_selected_rubrics(cfg)}[rubric_name]
     return cfg, judge_messages(
-        cfg.prompts, rubric, "Describe rain.", response, judge_nonce(row, rubric.name)
+        cfg.prompts, rubric, "Describe rain.", response, judge_nonce(None, row, rubric.name)
     )
 
 
@@ -121,14 +121,14 @@ def test_engine_reads_only_the_real_response_section():
     assert json.loads(out.text)["score"] == pj.concision_words(fake).score < 40
 
 
-def test_failures_are_retried_then_counted_never_scored():
+def test_failures_are_counted_never_scored():
     cfg, msgs = judge_prompt("concision-words", "   ")
     engine = build_engine(cfg.judge, cfg.engine)
     (verdict,), outs = judge_all(
         engine, [JudgeItem("a", tuple(msgs), 0)], _sampling(), "{{error}}", 2
     )
     assert not verdict.ok and verdict.score is None and "no words" in verdict.error
-    assert verdict.attempts == 2 and len(outs) == 2
+    assert verdict.attempts == len(outs) >= 1  # an engine error is not worth a repair prompt
 
 
 def test_one_program_for_every_rubric_and_the_rubric_without_a_program():
