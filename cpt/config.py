@@ -273,6 +273,7 @@ class PromptsConfig:
 
     name: str = "default"
     teacher: str = MISSING
+    teacher_target: str = MISSING  # per rubric: {{level}}, {{qualifier}}, optional {{band}}
     teacher_no_rubric: str = MISSING
     summarizer: str = MISSING
     judge_system: str = MISSING

@@ -126,15 +126,27 @@ def conditions(cfg: CptConfig) -> list[Condition]:
     return out
 
 
-def _rubric_sections(cond: Condition, levels: LevelsConfig, with_target: bool) -> str:
+def target_text(prompts: PromptsConfig, levels: LevelsConfig, level: LevelConfig) -> str:
+    """The teacher's target for one rubric, from `prompts.teacher_target`: placeholders
+    {{level}} (level name), {{qualifier}} (e.g. "extremely high") and {{band}} (the judge's
+    score band, e.g. "92.5-100"; the default template shows it, the paper's does not)."""
+    return fill(
+        prompts.teacher_target,
+        level=level.name,
+        qualifier=level.qualifier,
+        band=level_band(levels, level),
+    )
+
+
+def _rubric_sections(
+    cond: Condition, levels: LevelsConfig, prompts: PromptsConfig | None = None
+) -> str:
+    """Each part's rubric; with `prompts`, followed by its target (teacher_target)."""
     sections = []
     for p in cond.parts:
         text = f'Rubric "{p.rubric.name}": {p.rubric.description}\n\n{p.rubric.to_markdown()}'
-        if with_target:
-            text += (
-                f"\n\nTarget adherence to this rubric: {p.level.qualifier} (a judge's "
-                f"score from 0 to 100 would fall in {level_band(levels, p.level)})."
-            )
+        if prompts is not None:
+            text += "\n\n" + target_text(prompts, levels, p.level)
         sections.append(text)
     return "\n\n".join(sections)
 
@@ -147,7 +159,7 @@ def teacher_messages(
     prompts: PromptsConfig, levels: LevelsConfig, cond: Condition, task: str
 ) -> list[dict[str, str]]:
     """phi(x, R, level): the rubric(s) with their targets, then the task."""
-    text = fill(prompts.teacher, rubrics=_rubric_sections(cond, levels, True), task=task)
+    text = fill(prompts.teacher, rubrics=_rubric_sections(cond, levels, prompts), task=task)
     return [{"role": "user", "content": text}]
 
 
@@ -167,7 +179,7 @@ def summarizer_messages(
     )
     text = fill(
         prompts.summarizer,
-        rubrics=_rubric_sections(cond, levels, False),
+        rubrics=_rubric_sections(cond, levels),
         targets=_targets(cond),
         variant_hint=hint,
     )

@@ -248,7 +248,7 @@ def test_summarize_cis_equal_bootstrap_ci_with_same_seed():
     # summarize computes its CIs without materialising resamples; it must agree with scipy
     # on the materialised resamples (same seed -> same task draws)
     df = synthetic(n_tasks=12, per_cell=1, seed=3)
-    out = summarize(df, SCALE, n_boot=100, seed=11)
+    out = summarize(df, SCALE, n_boot=100, seed=11, ci="percentile")
     valid = df[df["judge_ok"]]
 
     def tau(d: pd.DataFrame) -> float:
@@ -259,6 +259,35 @@ def test_summarize_cis_equal_bootstrap_ci_with_same_seed():
 
     for key, fn in [("accuracy_ci", _acc), ("kendall_tau_ci", tau), ("spearman_rho_ci", rho)]:
         assert out[key] == pytest.approx(bootstrap_ci(valid, fn, n_boot=100, seed=11), abs=1e-12)
+
+
+def test_jackknife_rank_stats_equal_scipy_on_each_left_out_task():
+    from cpt.metrics import _level_indices, _rank_stats, bin_scores
+
+    df = synthetic(n_tasks=6, per_cell=1, seed=5)
+    df = df[df["judge_ok"]].reset_index(drop=True)
+    target = _level_indices(df["target_level"], SCALE)
+    score = df["score"].to_numpy(float)
+    pred = _level_indices(bin_scores(score, SCALE), SCALE)
+    jack = _rank_stats(df["task_id"], target, score, pred).jackknife()
+    for i, task in enumerate(pd.unique(df["task_id"])):
+        rest = df[df["task_id"] != task]
+        x, y = rest["target_level"].map(SCALE.index), rest["score"]
+        assert jack[i] == pytest.approx([_acc(rest), kendall_tau(x, y), spearman_rho(x, y)])
+
+
+def test_summarize_interval_methods():
+    df = synthetic(n_tasks=15, seed=2)
+    for method in ("jackknife-t", "bca", "percentile"):
+        out = summarize(df, SCALE, n_boot=300, seed=1, ci=method)
+        for key in ("accuracy", "kendall_tau", "spearman_rho"):
+            lo, hi = out[f"{key}_ci"]
+            assert lo < out[key] < hi, (method, key)
+    # the default widens where the percentile bootstrap is too narrow (few tasks)
+    default, pct = summarize(df, SCALE), summarize(df, SCALE, ci="percentile")
+    assert np.diff(default["kendall_tau_ci"])[0] > np.diff(pct["kendall_tau_ci"])[0]
+    with pytest.raises(ValueError, match="ci must be one of"):
+        summarize(df, SCALE, ci="normal")
 
 
 def test_bootstrap_ci_1000_resamples_of_10k_rows_under_2s():

@@ -35,7 +35,11 @@ def params(cfg: CptConfig) -> dict[str, Any]:
         "engine": (cfg.teacher.engine or cfg.engine.kind),
         "conditions": conditions_fingerprint(cfg),
         "levels": cfg.levels,
-        "templates": [cfg.prompts.teacher, cfg.prompts.teacher_no_rubric],
+        "templates": [
+            cfg.prompts.teacher,
+            cfg.prompts.teacher_target,
+            cfg.prompts.teacher_no_rubric,
+        ],
         "generate": cfg.generate,
         "seed": cfg.seed,
     }
