@@ -634,46 +634,67 @@ def confusion(df: pd.DataFrame, scale: LevelScale) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 
 
-def best_of_n(df: pd.DataFrame, scale: LevelScale, ns: Sequence[int]) -> pd.DataFrame:
-    """Best-of-N accuracy when the judge picks one of the first ``n`` samples per prompt.
+BON_RULES = ("score", "bin_centre")
+
+
+def best_of_n(
+    df: pd.DataFrame,
+    scale: LevelScale,
+    ns: Sequence[int],
+    rule: str = "score",
+    per_level: bool = False,
+) -> pd.DataFrame:
+    """Best-of-N when the judge picks one of the first ``n`` samples per prompt.
 
     A prompt group is (task_id, rubric, target_level[, model]). For each ``n`` in ``ns``,
     among the group's valid samples (``judge_ok`` and a score) with ``sample_idx < n``
-    the judge picks:
+    the judge picks, by ``rule``:
 
-    * target = the top level (e.g. "extremely high"): the highest score;
-    * any other target: the score closest to the centre ``(lo + hi) / 2`` of the target's
-      bin (low: 20, moderate: 66.25 with the paper's edges);
-    * ties: the lowest ``sample_idx``.
+    * ``"score"`` (default; the paper's Figure 1): the highest judge score, whatever the
+      target, so the picked score never falls as ``n`` grows;
+    * ``"bin_centre"``: the highest score for the top level, else the score closest to the
+      centre ``(lo + hi) / 2`` of the target's bin (low: 20, moderate: 66.25 with the
+      paper's edges); it aims the pick at the target level instead of at the maximum.
+
+    Ties go to the lowest ``sample_idx``. Every group counts at every ``n``: a group whose
+    first ``n`` samples all failed to be judged is its own outcome, "no valid sample"
+    (column ``no_valid``), counted as not accurate and never read as a score of 0. So the
+    denominator of ``accuracy`` is fixed and failures cannot make the curve jump when a
+    group enters at a larger ``n``.
 
     Returns:
-        One row per ``n`` (and per ``model`` when that column exists) with columns
-        n, [model], groups (all prompt groups), groups_without_valid (groups with no valid
-        sample among the first ``n``; left out of accuracy and mean_score, never read as 0),
-        accuracy (binned picked score == target) and mean_score of the picked samples.
+        One row per ``n`` (and per ``model`` when that column exists; per ``target_level``
+        too with ``per_level``), columns: n, [model], [target_level], groups, no_valid,
+        accuracy (picked sample's binned level == target, over all groups) and mean_score
+        (of the picked samples, over the groups that have one).
 
     Raises:
-        ValueError: missing columns, ``ns`` values < 1, unknown target levels, scores outside
-            [0, 100].
+        ValueError: missing columns, ``ns`` values < 1, an unknown ``rule``, unknown target
+            levels, scores outside [0, 100].
     """
     _require_columns(df, [*EVAL_COLUMNS, "sample_idx"], "best_of_n")
     ns = [int(n) for n in ns]
     if not ns or min(ns) < 1:
         raise ValueError(f"best_of_n: ns must be a non-empty list of integers >= 1, got {ns}")
+    if rule not in BON_RULES:
+        raise ValueError(f"best_of_n: rule must be one of {list(BON_RULES)}, got {rule!r}")
     has_model = "model" in df.columns
     keys = [*BON_GROUP_COLUMNS, *(["model"] if has_model else [])]
+    out_keys = [*(["model"] if has_model else []), *(["target_level"] if per_level else [])]
 
     work = df[[*keys, "score", "sample_idx"]].copy()
     work["valid"] = _valid_mask(df)
     work["group"] = work.groupby(keys, sort=False, dropna=False).ngroup()
     target = _level_indices(work["target_level"], scale)
     score = work["score"].to_numpy(dtype=float)
-    edges = np.asarray(scale.upper_edges)
-    lows = np.concatenate([[SCORE_MIN], edges[:-1]])
-    centre = (lows + edges)[target] / 2
-    top = target == len(scale.names) - 1
+    if rule == "score":
+        rank_key = -score
+    else:
+        edges = np.asarray(scale.upper_edges)
+        centre = (np.concatenate([[SCORE_MIN], edges[:-1]]) + edges)[target] / 2
+        rank_key = np.where(target == len(scale.names) - 1, -score, np.abs(score - centre))
     # smaller is better; NaN for invalid rows, which are filtered out before picking
-    work["rank_key"] = np.where(top, -score, np.abs(score - centre))
+    work["rank_key"] = rank_key
     work["target_idx"] = target
     # sort once: best key first, then lowest sample_idx, so the first row per group is the pick
     work = work.sort_values(["group", "rank_key", "sample_idx"], kind="stable")
@@ -681,24 +702,33 @@ def best_of_n(df: pd.DataFrame, scale: LevelScale, ns: Sequence[int]) -> pd.Data
     pred_all = np.full(len(pool), -1, dtype=np.int64)
     if len(pool):
         pred_all = _bin_indices(pool["score"].to_numpy(dtype=float), scale)
-    pool = pool.assign(pred_idx=pred_all)
+    pool = pool.assign(pred_idx=pred_all, hit=pred_all == pool["target_idx"].to_numpy())
 
-    model_groups = (
-        work.groupby("model", sort=True, dropna=False)["group"].nunique()
-        if has_model
-        else pd.Series({None: work["group"].nunique()})
-    )
+    groups = work.drop_duplicates("group")
+    if out_keys:
+        sizes = groups.groupby(out_keys, sort=True, dropna=False)["group"].size()
+    else:
+        sizes = pd.Series({(): len(groups)})
     rows = []
     for n in ns:
         picked = pool.loc[pool["sample_idx"] < n].drop_duplicates("group", keep="first")
-        for model, n_groups in model_groups.items():
-            sub = picked.loc[picked["model"] == model] if has_model else picked
-            row: dict[str, Any] = {"n": n}
-            if has_model:
-                row["model"] = model
+        for key, n_groups in sizes.items():
+            key = key if isinstance(key, tuple) else (key,)
+            sub = picked
+            for col, value in zip(out_keys, key):
+                sub = sub.loc[sub[col] == value]
+            row: dict[str, Any] = {"n": n, **dict(zip(out_keys, key))}
             row["groups"] = int(n_groups)
-            row["groups_without_valid"] = int(n_groups - len(sub))
-            row["accuracy"] = accuracy(sub["target_idx"].to_numpy(), sub["pred_idx"].to_numpy())
+            row["no_valid"] = int(n_groups - len(sub))
+            row["accuracy"] = float(sub["hit"].sum() / n_groups) if n_groups else float("nan")
             row["mean_score"] = float(sub["score"].mean()) if len(sub) else float("nan")
             rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if per_level:
+        order = {name: i for i, name in enumerate(scale.names)}
+        out = out.sort_values(
+            ["n", *out_keys],
+            key=lambda c: c.map(order) if c.name == "target_level" else c,
+            kind="stable",
+        ).reset_index(drop=True)
+    return out

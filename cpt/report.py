@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cpt import metrics, store
@@ -43,6 +45,12 @@ PAPER_TABLE3: dict[str, dict[str, tuple[float, float]]] = {
         "kendall_tau": (0.79, 0.82),
         "spearman_rho": (0.92, 0.93),
     },
+}
+# The paper's Table 2: the teacher's mean judge score (0-100) with no rubric, asked for low
+# and for extremely high adherence (METHOD.md).
+PAPER_TABLE2: dict[str, dict[str, float]] = {
+    "DeepSeek-R1": {"no_rubric": 80.1, "low": 14.1, "extremely_high": 96.3},
+    "o3-mini": {"no_rubric": 71.0, "low": 23.1, "extremely_high": 97.9},
 }
 METRICS = ("accuracy", "kendall_tau", "spearman_rho")
 LABELS = {"accuracy": "Acc", "kendall_tau": "Kendall τ", "spearman_rho": "Spearman ρ"}
@@ -83,12 +91,26 @@ def student_summary(
     }
 
 
-def table3(summaries: dict[str, dict[str, dict[str, Any]]], paths: dict[str, str]) -> str:
+def paper_row(paper_id: str) -> dict[str, tuple[float, float]] | None:
+    """The paper's Table 3 row of a student, by its declared `paper_id` or hub id."""
+    return PAPER_TABLE3.get(paper_id)
+
+
+def table3(
+    summaries: dict[str, dict[str, dict[str, Any]]],
+    paper_ids: dict[str, str],
+    tasks: dict[str, int] | None = None,
+) -> str:
+    """Baseline -> CPT per student, with the paper's numbers where the paper trained it.
+
+    `paper_ids`: student -> the id its paper row is looked up by (`student.paper_id`, else
+    its path); `tasks`: student -> test tasks behind the numbers.
+    """
     lines = [
-        "| student | n | "
+        "| student | tasks | judged (base / CPT) | "
         + " | ".join(f"{LABELS[m]} base → CPT" for m in METRICS)
         + " | paper (base → CPT) | judge failures (base / CPT) |",
-        "|---|---|" + "---|" * len(METRICS) + "---|---|",
+        "|---|---|---|" + "---|" * len(METRICS) + "---|---|",
     ]
     for student, by_model in sorted(summaries.items()):
         base, cpt = by_model.get("base"), by_model.get("cpt")
@@ -96,15 +118,38 @@ def table3(summaries: dict[str, dict[str, dict[str, Any]]], paths: dict[str, str
         for m in METRICS:
             b = fmt_ci(base[m], base[f"{m}_ci"]) if base else "-"
             cells.append(f"{b} → {fmt_ci(cpt[m], cpt[m + '_ci'])}")
-        paper = PAPER_TABLE3.get(paths.get(student, ""))
+        paper = paper_row(paper_ids.get(student, ""))
         ptext = (
             "; ".join(f"{LABELS[m]} {paper[m][0]:.2f} → {paper[m][1]:.2f}" for m in METRICS)
             if paper
-            else "-"
+            else "not in the paper"
         )
+        n_tasks = (tasks or {}).get(student, "-")
+        judged = f"{base['n'] if base else '-'} / {cpt['n']}"
         fails = f"{base['judge_failures'] if base else '-'} / {cpt['judge_failures']}"
-        lines.append(f"| {student} | {cpt['n']} | " + " | ".join(cells) + f" | {ptext} | {fails} |")
+        lines.append(
+            f"| {student} | {n_tasks} | {judged} | " + " | ".join(cells) + f" | {ptext} | {fails} |"
+        )
     return "\n".join(lines)
+
+
+def paper_table2_markdown() -> str:
+    """The paper's Table 2, to read beside ours (its teachers were DeepSeek-R1 and o3-mini)."""
+    lines = ["| paper teacher | no rubric | low | extremely high |", "|---|---|---|---|"]
+    for teacher, row in PAPER_TABLE2.items():
+        lines.append(
+            f"| {teacher} | {row['no_rubric']:.1f} | {row['low']:.1f} | "
+            f"{row['extremely_high']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def code_line(git: dict[str, Any]) -> str:
+    """`{'commit': 'abc…', 'dirty': True}` -> "abc1234 (uncommitted changes)"."""
+    commit = git.get("commit")
+    if not commit:
+        return "unknown (not a git checkout)"
+    return commit[:12] + (" (with uncommitted changes)" if git.get("dirty") else "")
 
 
 def frame_markdown(df: pd.DataFrame, digits: int = 2) -> str:
@@ -130,19 +175,46 @@ def _save(fig, path: Path) -> None:
     store.atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_score_distributions(
-    df: pd.DataFrame, scale: metrics.LevelScale, title: str, path: Path
-) -> None:
+MODEL_LABELS = {"base": "baseline", "cpt": "CPT"}
+MODEL_COLORS = {"base": "#8c8c8c", "cpt": "#1f77b4"}
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _bin_lines(ax, scale: metrics.LevelScale, right_label: bool = True) -> None:
+    """Dotted lines at the bin edges, each labelled with its value and the two levels."""
+    for i, edge in enumerate(scale.upper_edges[:-1]):
+        ax.axhline(edge, color="k", ls=":", lw=0.8)
+        if right_label:
+            below, above = (scale.names[i], scale.names[i + 1])
+            ax.annotate(
+                f"{edge:g}: {below.replace('_', ' ')} | {above.replace('_', ' ')}",
+                xy=(1.0, edge),
+                xycoords=("axes fraction", "data"),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+            )
+
+
+def plot_score_distributions(
+    df: pd.DataFrame, scale: metrics.LevelScale, title: str, path: Path
+) -> None:
+    """Box plots of the judge score per target level, baseline beside CPT; the bin edges
+    are labelled on the right and the legend sits below the axes, off the data."""
+    plt = _pyplot()
     valid = df[df["judge_ok"]]
     models = sorted(valid["model"].unique())
-    fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(scale.names), 4.2))
+    fig, ax = plt.subplots(figsize=(2.6 + 2.2 * len(scale.names), 4.6))
     width = 0.8 / max(len(models), 1)
-    colors = {"base": "#8c8c8c", "cpt": "#1f77b4"}
     for j, model in enumerate(models):
         data = [
             valid[(valid["model"] == model) & (valid["target_level"] == lv)]["score"].values
@@ -157,36 +229,35 @@ def plot_score_distributions(
             manage_ticks=False,
         )
         for patch in box["boxes"]:
-            patch.set_facecolor(colors.get(model, "#ff7f0e"))
+            patch.set_facecolor(MODEL_COLORS.get(model, "#ff7f0e"))
             patch.set_alpha(0.7)
+        n = sum(len(d) for d in data)
         ax.plot(
             [],
             [],
-            color=colors.get(model, "#ff7f0e"),
+            color=MODEL_COLORS.get(model, "#ff7f0e"),
             lw=8,
             alpha=0.7,
-            label={"base": "baseline", "cpt": "CPT"}.get(model, model),
+            label=f"{MODEL_LABELS.get(model, model)} (n = {n})",
         )
-    for edge in scale.upper_edges[:-1]:
-        ax.axhline(edge, color="k", ls=":", lw=0.8)
+    _bin_lines(ax, scale)
     ax.set_xticks(range(len(scale.names)), [n.replace("_", " ") for n in scale.names])
     ax.set_xlabel("target level (system prompt)")
     ax.set_ylabel("judge score (0-100)")
     ax.set_ylim(-2, 102)
     ax.set_title(title)
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=max(len(models), 1))
     _save(fig, path)
     plt.close(fig)
 
 
-def plot_confusion(conf: pd.DataFrame, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_confusion(conf: pd.DataFrame, title: str, path: Path, vmax: float | None = None) -> None:
+    """Target x judged level counts. Pass the same `vmax` to every model's heatmap so their
+    colours mean the same count."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4.0))
-    im = ax.imshow(conf.values, cmap="Blues")
+    top = float(vmax if vmax is not None else max(conf.values.max(), 1))
+    im = ax.imshow(conf.values, cmap="Blues", vmin=0, vmax=top)
     names = [str(n).replace("_", " ") for n in conf.index]
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_yticks(range(len(names)), names)
@@ -198,7 +269,7 @@ def plot_confusion(conf: pd.DataFrame, title: str, path: Path) -> None:
                 int(conf.values[i, j]),
                 ha="center",
                 va="center",
-                color="white" if conf.values[i, j] > conf.values.max() / 2 else "black",
+                color="white" if conf.values[i, j] > top / 2 else "black",
             )
     ax.set_xlabel("judged level (binned score)")
     ax.set_ylabel("target level")
@@ -208,30 +279,168 @@ def plot_confusion(conf: pd.DataFrame, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_best_of_n(bon: pd.DataFrame, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    for model, sub in bon.groupby("model"):
-        ax.plot(
+def plot_best_of_n(
+    per_level: pd.DataFrame,
+    overall: pd.DataFrame,
+    scale: metrics.LevelScale,
+    title: str,
+    path: Path,
+) -> None:
+    """Figure 1 of the paper: the judge score of the judge's pick among N samples, per
+    target level (left), and the accuracy of the pick over all prompts (right); baseline
+    dashed, CPT solid; legend below the axes."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 4.2))
+    cmap = plt.get_cmap("viridis")
+    colors = {lv: cmap(i / max(len(scale.names) - 1, 1)) for i, lv in enumerate(scale.names)}
+    for (model, level), sub in per_level.groupby(["model", "target_level"], sort=True):
+        left.plot(
+            sub["n"],
+            sub["mean_score"],
+            marker="o",
+            ls="--" if model == "base" else "-",
+            color=colors.get(level, "k"),
+            label=f"{MODEL_LABELS.get(model, model)}, {str(level).replace('_', ' ')}",
+        )
+    _bin_lines(left, scale, right_label=False)
+    left.set_ylabel("judge score of the pick (0-100)")
+    left.set_ylim(-2, 102)
+    left.set_title("score of the best of N")
+    for model, sub in overall.groupby("model", sort=True):
+        right.plot(
             sub["n"],
             sub["accuracy"],
             marker="o",
-            label={"base": "baseline", "cpt": "CPT"}.get(model, model),
+            ls="--" if model == "base" else "-",
+            color=MODEL_COLORS.get(model, "#ff7f0e"),
+            label=MODEL_LABELS.get(model, model),
         )
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(bon["n"].unique()), [str(n) for n in sorted(bon["n"].unique())])
-    ax.set_xlabel("N (samples; the judge picks the best)")
-    ax.set_ylabel("accuracy of the picked sample")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
+    right.set_ylabel("accuracy of the pick (binned level = target)")
+    right.set_ylim(0, 1.02)
+    right.set_title("accuracy of the best of N")
+    ns = sorted(per_level["n"].unique())
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("N (samples per prompt; the judge picks one)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
+    fig.suptitle(title)
     _save(fig, path)
     plt.close(fig)
+
+
+TRAIN_CURVES = (
+    ("loss", "DPO loss"),
+    ("rewards/accuracies", "reward accuracy (chosen > rejected)"),
+    ("rewards/margins", "reward margin (chosen - rejected)"),
+)
+
+
+def _last(m: pd.DataFrame, col: str) -> str:
+    """A train metric at the last logged step / averaged over the last quarter of steps."""
+    if col not in m or m[col].dropna().empty:
+        return "-"
+    vals = m[col].dropna()
+    tail = vals.iloc[-max(1, len(vals) // 4) :]
+    return f"{fmt(float(vals.iloc[-1]))} / {fmt(float(tail.mean()))}"
+
+
+def training_table(runs: dict[str, tuple[pd.DataFrame, dict[str, Any]]]) -> str:
+    """One row per student from its train metrics: steps, pairs, first -> last loss, reward
+    accuracy and margin at the last logged step (and over its last quarter), the recipe."""
+    lines = [
+        "| student | recipe | pairs | steps | loss first → last | reward accuracy "
+        "(last step / last quarter) | reward margin (last step / last quarter) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for student, (m, summary) in sorted(runs.items()):
+        loss = m["loss"].dropna() if "loss" in m else pd.Series(dtype=float)
+        loss_text = (
+            f"{fmt(float(loss.iloc[0]))} → {fmt(float(loss.iloc[-1]))}" if len(loss) else "-"
+        )
+        lines.append(
+            f"| {student} | {summary.get('recipe', '-')} | {summary.get('pairs', '-')} | "
+            f"{summary.get('steps', '-')} | {loss_text} | {_last(m, 'rewards/accuracies')} | "
+            f"{_last(m, 'rewards/margins')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_training(runs: dict[str, pd.DataFrame], path: Path) -> None:
+    """Loss, reward accuracy and reward margin per logged step, one line per student."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(TRAIN_CURVES), figsize=(4.2 * len(TRAIN_CURVES), 3.8))
+    for ax, (col, label) in zip(axes, TRAIN_CURVES):
+        for student, m in sorted(runs.items()):
+            if col in m and "step" in m and m[col].notna().any():
+                ax.plot(m["step"], m[col], marker=".", label=student)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        if col == "loss":
+            ax.axhline(0.6931, color="k", ls=":", lw=0.8)
+            ax.annotate(
+                "ln 2 (no preference)",
+                xy=(0.02, 0.6931),
+                xycoords=("axes fraction", "data"),
+                xytext=(0, 3),
+                textcoords="offset points",
+                fontsize=8,
+            )
+        if col == "rewards/accuracies":
+            ax.set_ylim(-0.02, 1.02)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(
+            handles,
+            labels,
+            loc="lower center",
+            bbox_to_anchor=(0.5, -0.08),
+            ncol=min(len(labels), 4),
+        )
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _kappa(a: np.ndarray, b: np.ndarray, names: Sequence[str]) -> float:
+    observed = float((a == b).mean())
+    expected = sum(float((a == lv).mean()) * float((b == lv).mean()) for lv in names)
+    return (observed - expected) / (1 - expected) if expected < 1 else float("nan")
+
+
+def panel_agreement(scores: pd.DataFrame, scale: metrics.LevelScale) -> pd.DataFrame:
+    """Agreement between the judges of a panel on the same responses, one row per pair.
+
+    `scores`: one row per judged item (response x rubric), one column per judge holding its
+    score (NaN where that judgement failed). Columns: judge_a, judge_b, compared (items both
+    judged), level_agreement (same binned level), cohen_kappa (on binned levels),
+    spearman (on scores), mean_abs_diff (score points).
+    """
+    judges = list(scores.columns)
+    rows = []
+    for i, a in enumerate(judges):
+        for b in judges[i + 1 :]:
+            both = scores[[a, b]].dropna()
+            row: dict[str, Any] = {"judge_a": a, "judge_b": b, "compared": len(both)}
+            if len(both):
+                la = metrics.bin_scores(both[a].to_numpy(float), scale)
+                lb = metrics.bin_scores(both[b].to_numpy(float), scale)
+                row.update(
+                    level_agreement=float((la == lb).mean()),
+                    cohen_kappa=_kappa(la, lb, scale.names),
+                    spearman=metrics.spearman_rho(both[a].to_numpy(float), both[b].to_numpy(float)),
+                    mean_abs_diff=float((both[a] - both[b]).abs().mean()),
+                )
+            else:
+                row.update(
+                    level_agreement=float("nan"),
+                    cohen_kappa=float("nan"),
+                    spearman=float("nan"),
+                    mean_abs_diff=float("nan"),
+                )
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def judge_agreement(
@@ -259,13 +468,10 @@ def judge_agreement(
         }
     a = metrics.bin_scores(both["score_1"].to_numpy(float), scale)
     b = metrics.bin_scores(both["score_2"].to_numpy(float), scale)
-    observed = float((a == b).mean())
-    expected = sum(float((a == lv).mean()) * float((b == lv).mean()) for lv in scale.names)
-    kappa = (observed - expected) / (1 - expected) if expected < 1 else float("nan")
     return {
         **out,
-        "level_agreement": observed,
-        "cohen_kappa": kappa,
+        "level_agreement": float((a == b).mean()),
+        "cohen_kappa": _kappa(a, b, scale.names),
         "mean_abs_diff": float((both["score_1"] - both["score_2"]).abs().mean()),
         "spearman": metrics.spearman_rho(
             both["score_1"].to_numpy(float), both["score_2"].to_numpy(float)
