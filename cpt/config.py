@@ -491,6 +491,7 @@ class CptConfig:
     seed: int = 0
     teacher: ModelConfig = MISSING
     judge: ModelConfig = MISSING
+    judges: dict[str, ModelConfig] = field(default_factory=dict)
     student: ModelConfig = MISSING
     engine: EngineConfig = field(default_factory=EngineConfig)
     rubrics: RubricsConfig = field(default_factory=RubricsConfig)

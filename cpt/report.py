@@ -56,8 +56,9 @@ METRICS = ("accuracy", "kendall_tau", "spearman_rho")
 LABELS = {"accuracy": "Acc", "kendall_tau": "Kendall τ", "spearman_rho": "Spearman ρ"}
 
 
-def judged_frame(rows: pd.DataFrame) -> pd.DataFrame:
-    """Evaluation judgements -> the frame `cpt.metrics` expects (one row per rubric part)."""
+def judged_frame(rows: pd.DataFrame, judge: str = "judge") -> pd.DataFrame:
+    """Evaluation judgements -> the frame `cpt.metrics` expects (one row per rubric part),
+    with the judge's name and the judged item (response x rubric part) kept for panels."""
     return pd.DataFrame(
         {
             "student": rows["student"],
@@ -68,8 +69,127 @@ def judged_frame(rows: pd.DataFrame) -> pd.DataFrame:
             "score": rows["score"].astype(float),
             "judge_ok": rows["ok"].astype(bool),
             "sample_idx": rows["sample_idx"],
+            "judge": judge,
+            "item": rows["gen_id"].astype(str) + "|" + rows["part_rubric"].astype(str),
         }
     )
+
+
+def panel_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per judged item: the mean score of the judges that judged it; a failure only
+    when every judge of the panel failed on it."""
+    valid = df[df["judge_ok"] & df["score"].notna()]
+    means = valid.groupby("item")["score"].mean()
+    out = df.drop_duplicates("item").drop(columns=["score", "judge_ok"]).copy()
+    out["score"] = out["item"].map(means)
+    out["judge_ok"] = out["score"].notna()
+    out["judge"] = "panel mean"
+    return out.reset_index(drop=True)
+
+
+def score_matrix(df: pd.DataFrame) -> pd.DataFrame:
+    """item x judge -> score (NaN where that judge failed), for `panel_agreement`."""
+    valid = df[df["judge_ok"] & df["score"].notna()]
+    return valid.pivot_table(index="item", columns="judge", values="score", aggfunc="first")
+
+
+def per_judge_summaries(
+    df: pd.DataFrame, scale: metrics.LevelScale, seed: int
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """judge -> model -> summarize() on the first sample of each prompt (no intervals)."""
+    return {
+        judge: student_summary(sub, scale, n_boot=0, seed=seed)
+        for judge, sub in df.groupby("judge", sort=False)
+    }
+
+
+def per_judge_table(by_judge: dict[str, dict[str, dict[str, Any]]]) -> str:
+    lines = [
+        "| judge | judged (base / CPT) | "
+        + " | ".join(f"{LABELS[m]} base → CPT" for m in METRICS)
+        + " | mean score per level (CPT) |",
+        "|---|---|" + "---|" * len(METRICS) + "---|",
+    ]
+    for judge, by_model in by_judge.items():
+        base, cpt = by_model.get("base"), by_model.get("cpt")
+        if cpt is None:
+            continue
+        cells = [f"{fmt(base[m]) if base else '-'} → {fmt(cpt[m])}" for m in METRICS]
+        means = ", ".join(f"{k} {fmt(v, 1)}" for k, v in cpt["mean_score_by_level"].items())
+        lines.append(
+            f"| {judge} | {base['n'] if base else '-'} / {cpt['n']} | "
+            + " | ".join(cells)
+            + f" | {means} |"
+        )
+    return "\n".join(lines)
+
+
+# What each shipped teacher-prompt variant (conf/prompts) tells the teacher about the target.
+TEMPLATE_VARIANTS = {
+    "default": "the target level in words plus the judge's score band, e.g. 92.5-100",
+    "paper": "the target level in words only, as in the paper",
+}
+
+
+def tuned_text(tuned: str) -> str:
+    return f"external, `{tuned}` (no train stage)" if tuned else "base + the adapter trained here"
+
+
+def agreement_heading(infos: dict[str, dict[str, Any]]) -> str:
+    """Says what the repeated judgements measure: with a greedy judge (temperature 0) the
+    same prompt gives the same answer, so it is a determinism check, not agreement."""
+    temps = {
+        i["agreement_temperature"]
+        if i["agreement_temperature"] is not None
+        else i["judge_temperature"]
+        for i in infos.values()
+    }
+    if temps and all(t == 0 for t in temps if t is not None):
+        return (
+            "Determinism check: a share of the judgements repeated with another seed at "
+            "temperature 0 (greedy). Agreement near 1 is expected by construction; it is not "
+            "evidence of a reliable judge (see the judge panel for that; set "
+            "`evaluate.agreement_temperature` > 0 to sample the judge instead)."
+        )
+    shown = ", ".join(f"{t:g}" for t in sorted(t for t in temps if t is not None))
+    return (
+        f"A share of the judgements repeated with another seed at temperature {shown}: how "
+        "often the judge agrees with itself when it samples."
+    )
+
+
+def training_runs(
+    run_dir: Path, dirs: list[Path]
+) -> dict[str, tuple[pd.DataFrame, dict[str, Any]]]:
+    """student -> (its train metrics per logged step, recipe / pairs / steps)."""
+    out = {}
+    for d in dirs:
+        m = store.read_json(d / "manifest.json")
+        conf = m.get("config", {})
+        student = conf.get("student", {}).get("name", d.name)
+        path = d / "metrics.parquet"
+        frame = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+        out[student] = (
+            frame,
+            {
+                "recipe": (conf.get("train") or {}).get("name", "?"),
+                "pairs": m.get("rows", "-"),
+                "steps": m.get("steps", "-"),
+            },
+        )
+    return out
+
+
+def headline(summaries: dict[str, dict[str, dict[str, Any]]], tasks: dict[str, int]) -> list[str]:
+    """One line per student for the console: Table 3's numbers, base -> CPT."""
+    lines = []
+    for student, by_model in sorted(summaries.items()):
+        base, cpt = by_model.get("base"), by_model.get("cpt")
+        if cpt is None:
+            continue
+        cells = [f"{LABELS[m]} {fmt(base[m]) if base else '-'} -> {fmt(cpt[m])}" for m in METRICS]
+        lines.append(f"{student} ({tasks.get(student, '-')} test tasks): " + ", ".join(cells))
+    return lines
 
 
 def fmt(x: float | None, digits: int = 2) -> str:
@@ -188,21 +308,22 @@ def _pyplot():
     return plt
 
 
-def _bin_lines(ax, scale: metrics.LevelScale, right_label: bool = True) -> None:
-    """Dotted lines at the bin edges, each labelled with its value and the two levels."""
+def _bin_lines(ax, scale: metrics.LevelScale, outside: bool = True) -> None:
+    """Dotted lines at the bin edges, each labelled with its value and the two levels it
+    separates: right of the axes (`outside`), or inside at the right end."""
     for i, edge in enumerate(scale.upper_edges[:-1]):
         ax.axhline(edge, color="k", ls=":", lw=0.8)
-        if right_label:
-            below, above = (scale.names[i], scale.names[i + 1])
-            ax.annotate(
-                f"{edge:g}: {below.replace('_', ' ')} | {above.replace('_', ' ')}",
-                xy=(1.0, edge),
-                xycoords=("axes fraction", "data"),
-                xytext=(4, 0),
-                textcoords="offset points",
-                va="center",
-                fontsize=8,
-            )
+        below, above = (scale.names[i], scale.names[i + 1])
+        ax.annotate(
+            f"{edge:g}: {below.replace('_', ' ')} | {above.replace('_', ' ')}",
+            xy=(1.0 if outside else 0.99, edge),
+            xycoords=("axes fraction", "data"),
+            xytext=(4, 0) if outside else (0, 2),
+            textcoords="offset points",
+            ha="left" if outside else "right",
+            va="center" if outside else "bottom",
+            fontsize=8,
+        )
 
 
 def plot_score_distributions(
@@ -293,7 +414,11 @@ def plot_best_of_n(
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 4.2))
     cmap = plt.get_cmap("viridis")
     colors = {lv: cmap(i / max(len(scale.names) - 1, 1)) for i, lv in enumerate(scale.names)}
-    for (model, level), sub in per_level.groupby(["model", "target_level"], sort=True):
+    order = {lv: i for i, lv in enumerate(scale.names)}
+    pairs = sorted(
+        per_level.groupby(["model", "target_level"]), key=lambda kv: (kv[0][0], order[kv[0][1]])
+    )
+    for (model, level), sub in pairs:
         left.plot(
             sub["n"],
             sub["mean_score"],
@@ -302,7 +427,7 @@ def plot_best_of_n(
             color=colors.get(level, "k"),
             label=f"{MODEL_LABELS.get(model, model)}, {str(level).replace('_', ' ')}",
         )
-    _bin_lines(left, scale, right_label=False)
+    _bin_lines(left, scale, outside=False)
     left.set_ylabel("judge score of the pick (0-100)")
     left.set_ylim(-2, 102)
     left.set_title("score of the best of N")
@@ -384,7 +509,7 @@ def plot_training(runs: dict[str, pd.DataFrame], path: Path) -> None:
                 "ln 2 (no preference)",
                 xy=(0.02, 0.6931),
                 xycoords=("axes fraction", "data"),
-                xytext=(0, 3),
+                xytext=(0, -10),
                 textcoords="offset points",
                 fontsize=8,
             )
@@ -392,13 +517,7 @@ def plot_training(runs: dict[str, pd.DataFrame], path: Path) -> None:
             ax.set_ylim(-0.02, 1.02)
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
-        fig.legend(
-            handles,
-            labels,
-            loc="lower center",
-            bbox_to_anchor=(0.5, -0.08),
-            ncol=min(len(labels), 4),
-        )
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), title="student")
     _save(fig, path)
     plt.close(fig)
 
