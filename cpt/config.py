@@ -102,6 +102,8 @@ class ModelConfig:
     engine (`EngineKind` or None): per-model override of `engine.kind`.
     base_url (`str`): OpenAI-compatible endpoint, for `engine=openai`.
     sampling (`SamplingConfig`): defaults for this model's generations.
+    paper_id (`str`): the hub id of the paper's base model this model stands for, so the
+        report finds its row of the paper's Table 3 when `path` is a local copy.
     """
 
     name: str = MISSING
@@ -116,6 +118,7 @@ class ModelConfig:
     engine: EngineKind | None = None
     base_url: str = ""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    paper_id: str = ""
 
     def __post_init__(self) -> None:
         check(bool(self.name.strip()), "model.name", "must not be empty")
@@ -446,6 +449,12 @@ class EvaluateConfig:
     shard_size (`int`, defaults to `32`): rows per shard (responses and judgements).
     agreement_fraction (`float`, defaults to `0.25`): share of judgements repeated with
         another sampling seed; the report shows how often the judge agrees with itself.
+    agreement_temperature (`float` or None, defaults to None): the judge's temperature for
+        those repeats; None keeps the judge's own. At 0 (greedy judges) the repeat is a
+        determinism check, and the report says so.
+    tuned (`str`, defaults to `""`): evaluate this CPT model instead of training one: a PEFT
+        adapter folder (applied to the student) or a full checkpoint (a folder or hub id,
+        e.g. the paper's released models); the student is the baseline. No train stage runs.
     """
 
     samples: int = 2
@@ -453,6 +462,8 @@ class EvaluateConfig:
     judge_max_attempts: int = 3
     shard_size: int = 32
     agreement_fraction: float = 0.25
+    agreement_temperature: float | None = None
+    tuned: str = ""
 
     def __post_init__(self) -> None:
         check(self.samples >= 1, "evaluate.samples", f"must be >= 1, got {self.samples}")
