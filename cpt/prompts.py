@@ -70,11 +70,11 @@ class Condition:
         tagged = [set(p.rubric.task_tags) for p in self.parts if p.rubric.task_tags]
         return tuple(sorted(set.intersection(*tagged))) if tagged else ()
 
-
-def level_band(levels: LevelsConfig, level: LevelConfig) -> str:
-    i = levels.names.index(level.name)
-    lo = 0 if i == 0 else levels.levels[i - 1].upper
-    return f"{lo:g}-{level.upper:g}"
+    def applies_to(self, genre: str) -> bool:
+        """True if a task of this genre goes with this condition (an untagged condition or
+        an untagged task always matches)."""
+        tags = self.task_tags
+        return not tags or not genre or genre in tags
 
 
 def _mtimes(path: Path) -> tuple:
@@ -126,6 +126,19 @@ def conditions(cfg: CptConfig) -> list[Condition]:
     return out
 
 
+def conditions_fingerprint(cfg: CptConfig) -> list[object]:
+    """What the conditions' prompts depend on: names, levels, qualifiers, rubric content."""
+    return [
+        [
+            c.rubric,
+            c.level,
+            [p.level.qualifier for p in c.parts],
+            [p.rubric.content_hash() for p in c.parts],
+        ]
+        for c in conditions(cfg)
+    ]
+
+
 def target_text(prompts: PromptsConfig, levels: LevelsConfig, level: LevelConfig) -> str:
     """The teacher's target for one rubric, from `prompts.teacher_target`: placeholders
     {{level}} (level name), {{qualifier}} (e.g. "extremely high") and {{band}} (the judge's
@@ -134,7 +147,7 @@ def target_text(prompts: PromptsConfig, levels: LevelsConfig, level: LevelConfig
         prompts.teacher_target,
         level=level.name,
         qualifier=level.qualifier,
-        band=level_band(levels, level),
+        band=levels.scale.band(level.name),
     )
 
 
