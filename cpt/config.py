@@ -503,6 +503,15 @@ class TrainConfig:
     warmup 10 %, 8-bit AdamW. Where a default departs from it, the field says why.
 
     Parameters:
+        > The recipe
+
+        name (`str`, defaults to `"custom"`): the preset's name (conf/train/<name>.yaml), shown
+            by `plan=true` and in the report. `auto` (the default preset) is replaced at launch
+            by `gpu_recipe` when the student trains on a GPU (CUDA here, or a cluster profile
+            with GPUs), else by `cpu_recipe`; the launch says which and why.
+        gpu_recipe (`str`, defaults to `"paper"`): the preset `auto` picks with a GPU.
+        cpu_recipe (`str`, defaults to `"tiny"`): the preset `auto` picks without one.
+
         > LoRA
 
         lora_r (`int`, defaults to `16`): adapter rank (reference recipe). Higher fits more and costs
@@ -567,6 +576,9 @@ class TrainConfig:
             optimizer steps (TRL's default is 10).
     """
 
+    name: str = "custom"
+    gpu_recipe: str = "paper"
+    cpu_recipe: str = "tiny"
     lora_r: int = 16
     lora_alpha: float = 16
     lora_dropout: float = 0.0
@@ -709,6 +721,48 @@ def to_config(cfg: DictConfig | CptConfig) -> CptConfig:
         key = getattr(exc, "full_key", None)
         msg = str(exc).splitlines()[0]
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
+
+
+def trains_on_gpu(cfg: CptConfig) -> tuple[bool, str]:
+    """Whether the train stage will have a GPU, and why we think so."""
+    if cfg.cluster.name != "local":
+        gpus = cfg.cluster.gpus_per_node
+        return gpus > 0, f"cluster profile {cfg.cluster.name!r} gives {gpus} GPU(s) per job"
+    import torch
+
+    if torch.cuda.is_available():
+        return True, f"CUDA GPU found ({torch.cuda.get_device_name(0)})"
+    return False, "no CUDA GPU on this machine"
+
+
+def resolve_recipe(cfg: CptConfig, on_gpu: bool | None = None) -> tuple[CptConfig, str]:
+    """`train=auto` -> the GPU or CPU preset (`train.gpu_recipe` / `train.cpu_recipe`);
+    returns the config and one line saying which recipe trains and why. Any other `train=`
+    is kept as chosen (the line then says so)."""
+    import dataclasses
+
+    why = ""
+    if cfg.train.name == "auto":
+        gpu, why = trains_on_gpu(cfg) if on_gpu is None else (on_gpu, f"GPU={on_gpu} given")
+        preset = cfg.train.gpu_recipe if gpu else cfg.train.cpu_recipe
+        path = REPO_ROOT / "conf" / "train" / f"{preset}.yaml"
+        check(
+            path.is_file(),
+            "train.gpu_recipe" if gpu else "train.cpu_recipe",
+            f"no preset {path} (choose one of conf/train/*.yaml)",
+        )
+        node = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
+        node.name = preset
+        cfg = dataclasses.replace(cfg, train=to_config(node))
+        why = f" (train=auto: {why})"
+    elif cfg.train.name != cfg.train.gpu_recipe:
+        gpu, reason = trains_on_gpu(cfg) if on_gpu is None else (on_gpu, "given")
+        if gpu:
+            why = (
+                f" (chosen with train={cfg.train.name} although {reason}; the GPU recipe is "
+                f"train={cfg.train.gpu_recipe})"
+            )
+    return cfg, f"training recipe: {cfg.train.name}{why}"
 
 
 def _looks_local(path: str) -> bool:

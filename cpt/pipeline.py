@@ -21,7 +21,7 @@ from typing import Any
 from cpt import store
 from cpt.commands.check import run_check
 from cpt.commands.status import print_status
-from cpt.config import ConfigError, CptConfig, StageName, validate
+from cpt.config import ConfigError, CptConfig, StageName, resolve_recipe, validate
 from cpt.graph import Node, RunPlan, StageContext, StageSpec, format_work
 from cpt.graph import resolve as resolve_graph
 from cpt.stages import STAGES
@@ -157,18 +157,39 @@ def run(cfg: CptConfig) -> list[Path]:
         return []
     if problems:
         raise ConfigError("; ".join(problems))
-    plan = resolve(cfg)
     if cfg.stage is StageName.status:
-        print_status(plan)
+        print_status(resolve(cfg))
         return []
+    cfg, recipe = resolve_recipe(cfg)
+    plan = resolve(cfg)
+    trains = any(n.name == "train" and not n.done for n in plan.selected_nodes())
     if cfg.cluster.name != "local" and not os.environ.get("CPT_STAGE_JOB"):
         from cpt import slurm  # a Slurm profile: one job per stage, chained by afterok
 
         if cfg.plan:
+            print(recipe)  # before the jobs: their last line is the GPU-hours total
             print(slurm.plan_jobs(plan))
             return []
+        if trains:
+            log.info("%s", recipe)
         return [s.out_dir for s in slurm.submit_pipeline(plan, run_stage)]
     if cfg.plan:
+        print(recipe)
         print(plan_text(plan))
         return []
-    return run_plan(plan)
+    if trains:
+        log.info("%s", recipe)
+    outs = run_plan(plan)
+    if "report" in plan.selected:
+        print(report_summary(plan["report"].folder))
+    return outs
+
+
+def report_summary(folder: Path) -> str:
+    """The last lines of a run: where the report is and its Table 3 numbers."""
+    manifest = store.read_json(folder / "manifest.json")
+    lines = [f"report: {manifest.get('report', folder / 'report.md')}"]
+    lines += [f"  {line}" for line in manifest.get("headline", [])]
+    if len(lines) == 1:
+        lines.append("  (no finished evaluation yet)")
+    return "\n".join(lines)

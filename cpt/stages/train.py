@@ -61,7 +61,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
-    return {"student": cfg.student.name, "deepspeed": cfg.deepspeed.name}
+    return {"student": cfg.student.name, "recipe": cfg.train.name, "deepspeed": cfg.deepspeed.name}
 
 
 SPEC = StageSpec("train", ("pairs",), params, run, plan, per_student=True, gpu=True)
