@@ -49,6 +49,7 @@ class StageSpec:
     gpu: the stage needs the cluster profile's GPUs when submitted as a job.
     version: bump when the stage's logic changes, so old outputs are not reused.
     always_run: a cheap view of other stages (report): one folder, re-rendered every run.
+    skip: inputs of `needs` a config does without (an external model needs no train).
     """
 
     name: str
@@ -60,6 +61,12 @@ class StageSpec:
     gpu: bool = False
     version: int = 1
     always_run: bool = False
+    skip: Callable[[CptConfig], tuple[str, ...]] = lambda cfg: ()
+
+    def inputs(self, cfg: CptConfig) -> tuple[str, ...]:
+        """`needs` less what this config does without (e.g. no train for an external model)."""
+        skipped = set(self.skip(cfg))
+        return tuple(d for d in self.needs if d not in skipped)
 
 
 @dataclass(frozen=True)
@@ -149,23 +156,36 @@ class RunPlan:
         return [self.nodes[n] for n in self.selected]
 
 
-def stage_key(spec: StageSpec, params: Any, input_keys: Mapping[str, str]) -> str:
+def stage_key(
+    spec: StageSpec,
+    params: Any,
+    input_keys: Mapping[str, str],
+    needs: tuple[str, ...] | None = None,
+) -> str:
     """The content hash naming a stage's output folder: its version, params, inputs' keys."""
     return store.content_hash(
         {
             "stage": spec.name,
             "version": spec.version,
             "params": params,
-            "inputs": {dep: input_keys[dep] for dep in spec.needs},
+            "inputs": {dep: input_keys[dep] for dep in (spec.needs if needs is None else needs)},
         }
     )
 
 
 def _select(cfg: CptConfig, nodes: dict[str, Node]) -> tuple[str, ...]:
-    """The stage named by `stage=`, with its unfinished inputs; all stages by default."""
+    """The stage named by `stage=`, with its unfinished inputs; by default the last stage
+    (the report) and everything it needs (every stage, unless a config skips some)."""
     name = getattr(cfg.stage, "value", cfg.stage)
     if name is None or name not in nodes:
-        return tuple(nodes)
+        last = list(nodes)[-1]
+        wanted, frontier = {last}, [last]
+        while frontier:
+            for dep in nodes[frontier.pop()].needs:
+                if dep not in wanted:
+                    wanted.add(dep)
+                    frontier.append(dep)
+        return tuple(s for s in nodes if s in wanted)
     if nodes[name].always_run:
         return (name,)
     wanted, frontier = {name}, [name]
@@ -189,7 +209,8 @@ def resolve(cfg: CptConfig, specs: Mapping[str, StageSpec]) -> RunPlan:
         missing = [d for d in spec.needs if d not in nodes]
         if missing:
             raise ValueError(f"stage {name}: inputs {missing} must come before it in the registry")
-        key = stage_key(spec, spec.params(cfg), {d: nodes[d].key for d in spec.needs})
+        needs = spec.inputs(cfg)
+        key = stage_key(spec, spec.params(cfg), {d: nodes[d].key for d in needs}, needs)
         if spec.always_run:
             folder = run_dir / name
         else:
@@ -200,7 +221,7 @@ def resolve(cfg: CptConfig, specs: Mapping[str, StageSpec]) -> RunPlan:
             spec=spec,
             key=key,
             folder=folder,
-            needs=spec.needs,
+            needs=needs,
             resources=stage_resources(cfg, spec),
             done=store.is_done(folder),
         )
