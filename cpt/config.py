@@ -23,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cpt.importers import DataSource, PairColumns
 from cpt.levels import LevelScale
 from cpt.stages import STAGES
 from cpt.store import REPO_ROOT
@@ -426,10 +427,17 @@ class PairsConfig:
         ordered its two responses as their levels intend.
     min_margin (`float`, defaults to `0.0`): with `filter`, the score gap (0-100 points) the
         higher-level response must lead by.
+    source (`DataSource`): import released preference pairs instead of building them (e.g.
+        the paper's `creative-rubrics-preferences`, saved locally): `source.path` = a .jsonl /
+        .parquet file or a `save_to_disk` folder (`source.split`); empty = build from this
+        run's generations. Imported pairs are split by task with `tasks.test_fraction`.
+    columns (`PairColumns`): the file's column names (prompt, chosen, rejected, system, ...).
     """
 
     filter: bool = False
     min_margin: float = 0.0
+    source: DataSource = field(default_factory=DataSource)
+    columns: PairColumns = field(default_factory=PairColumns)
 
     def __post_init__(self) -> None:
         check(

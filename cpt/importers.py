@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpt.metrics import LevelScale
+from cpt.levels import LevelScale
 from cpt.store import content_hash
 from cpt.tasks import Task, task_id
 

@@ -41,8 +41,9 @@ def stage_specs() -> dict[str, StageSpec]:
 
 
 def resolve(cfg: CptConfig) -> RunPlan:
-    """The plan of one launch (every stage's key, folder and done-state, computed once)."""
-    return resolve_graph(cfg, stage_specs())
+    """The plan of one launch (every stage's key, folder and done-state, computed once),
+    with `train=auto` resolved to the recipe this hardware trains with."""
+    return resolve_graph(resolve_recipe(cfg)[0], stage_specs())
 
 
 def stage_dir(cfg: CptConfig, name: str) -> Path:
@@ -161,7 +162,7 @@ def run(cfg: CptConfig) -> list[Path]:
         print_status(resolve(cfg))
         return []
     cfg, recipe = resolve_recipe(cfg)
-    plan = resolve(cfg)
+    plan = resolve(cfg)  # (train=auto is resolved already: the same plan as status's)
     trains = any(n.name == "train" and not n.done for n in plan.selected_nodes())
     if cfg.cluster.name != "local" and not os.environ.get("CPT_STAGE_JOB"):
         from cpt import slurm  # a Slurm profile: one job per stage, chained by afterok

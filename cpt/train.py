@@ -65,6 +65,7 @@ from cpt.store import (
     package_versions,
     read_json,
 )
+from cpt.train_log import console, quiet_datasets
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, TrainerCallback
@@ -301,45 +302,6 @@ def _setup(
     )
 
 
-def _interactive() -> bool:
-    """A person watching a terminal (progress bar) rather than a log file (Slurm, pipes)."""
-    return sys.stderr.isatty() and not os.environ.get("SLURM_JOB_ID")
-
-
-def _console(trainer) -> None:
-    """Replace transformers' console output (a raw dict per logging step): a progress bar
-    on a terminal; otherwise one short line per logging step (loss, reward accuracy and
-    margin), as a log file wants it. Every number still goes to metrics.parquet."""
-    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-
-    class _Bar(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            pass  # the bar only: the numbers are in metrics.parquet and the report
-
-    class _Lines(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            prefix = "eval_" if "eval_loss" in logs else ""
-            if f"{prefix}loss" not in logs:
-                return
-            log.info(
-                "train %sstep %d/%d: loss %.4f, reward accuracy %.2f, margin %.4f%s",
-                "eval at " if prefix else "",
-                state.global_step,
-                state.max_steps,
-                logs[f"{prefix}loss"],
-                logs.get(f"{prefix}rewards/accuracies", float("nan")),
-                logs.get(f"{prefix}rewards/margins", float("nan")),
-                "" if prefix else f", lr {logs.get('learning_rate', float('nan')):.2e}",
-            )
-
-    trainer.add_callback(_Bar() if _interactive() else _Lines())
-
-
 def _trainer(run: _Run, timer: _StepTimer, callbacks: Sequence[TrainerCallback] | None):
     """The DPOTrainer of a set-up run (DPOConfig first: under ZeRO-3 from_pretrained then
     builds the model already sharded)."""
@@ -360,10 +322,7 @@ def _trainer(run: _Run, timer: _StepTimer, callbacks: Sequence[TrainerCallback] 
         save_total_limit=SAVE_TOTAL_LIMIT,
     )
     model = load_model(run.student, run.cfg, run.model_path, run.use_cpu, zero_stage(run.ds_file))
-    if not _interactive():
-        from datasets.utils.logging import disable_progress_bar
-
-        disable_progress_bar()  # "Tokenizing train dataset" bars are noise in a log file
+    quiet_datasets()
     trainer = DPOTrainer(
         model=model,
         args=args,
@@ -373,7 +332,7 @@ def _trainer(run: _Run, timer: _StepTimer, callbacks: Sequence[TrainerCallback] 
         peft_config=lora_config(run.cfg),
         callbacks=[timer.callback(), *(callbacks or [])],
     )
-    _console(trainer)
+    console(trainer)
     return trainer
 
 

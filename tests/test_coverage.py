@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cpt import intervals as cpt_intervals
 from cpt import metrics
 from cpt.metrics import LevelScale, summarize
 
@@ -62,21 +63,21 @@ CORRECT = (
 ).astype(float)
 
 
-def intervals(scores: np.ndarray, chunk: int = 250) -> tuple[np.ndarray, np.ndarray]:
+def default_intervals(scores: np.ndarray, chunk: int = 250) -> tuple[np.ndarray, np.ndarray]:
     """Point estimates (n_sets, 3) and default 95 % intervals (n_sets, 3, 2), vectorised."""
     if len(scores) > chunk:  # bounds the (chunk, tasks, levels, 101) cell arrays
-        parts = [intervals(scores[i : i + chunk]) for i in range(0, len(scores), chunk)]
+        parts = [default_intervals(scores[i : i + chunk]) for i in range(0, len(scores), chunk)]
         return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
     cells = cells_per_task(scores)
     n_sets, n_tasks = scores.shape[:2]
     full = cells.sum(axis=1)
-    point = metrics.cell_stats(full, CORRECT)
+    point = cpt_intervals.cell_stats(full, CORRECT)
     leave_one_out = (full[:, None] - cells).reshape(n_sets * n_tasks, 3, 101)
-    jack = metrics.cell_stats(leave_one_out, CORRECT).reshape(n_sets, n_tasks, 3)
+    jack = cpt_intervals.cell_stats(leave_one_out, CORRECT).reshape(n_sets, n_tasks, 3)
     cis = np.array(
         [
             [
-                metrics._jackknife_t_ci(point[d, k], jack[d, :, k], 0.05, fisher=k > 0)
+                cpt_intervals.jackknife_t_ci(point[d, k], jack[d, :, k], 0.05, fisher=k > 0)
                 for k in range(3)
             ]
             for d in range(n_sets)
@@ -88,12 +89,12 @@ def intervals(scores: np.ndarray, chunk: int = 250) -> tuple[np.ndarray, np.ndar
 @pytest.fixture(scope="module")
 def truth() -> np.ndarray:
     big = simulate(1, 20_000, np.random.default_rng(123))
-    return metrics.cell_stats(cells_per_task(big).sum(axis=1), CORRECT)[0]
+    return cpt_intervals.cell_stats(cells_per_task(big).sum(axis=1), CORRECT)[0]
 
 
 def test_vectorised_intervals_are_summarize_intervals():
     scores = simulate(5, 12, np.random.default_rng(0))
-    point, cis = intervals(scores)
+    point, cis = default_intervals(scores)
     for d in range(5):
         out = summarize(frame(scores[d]), SCALE)
         for k, m in enumerate(METRICS):
@@ -104,7 +105,7 @@ def test_vectorised_intervals_are_summarize_intervals():
 @pytest.mark.parametrize("n_tasks", [10, 20, 30])
 def test_default_intervals_cover_95_percent(n_tasks, truth):
     scores = simulate(DATASETS, n_tasks, np.random.default_rng(1000 + n_tasks))
-    _, cis = intervals(scores)
+    _, cis = default_intervals(scores)
     covered = (cis[:, :, 0] <= truth) & (truth <= cis[:, :, 1])
     got = dict(zip(METRICS, 100 * covered.mean(axis=0)))
     print(f"tasks={n_tasks} coverage % " + " ".join(f"{m}={v:.1f}" for m, v in got.items()))

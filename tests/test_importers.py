@@ -166,3 +166,22 @@ def test_pairs_without_a_system_prompt_are_refused(tmp_path):
     src = DataSource(str(write_jsonl(tmp_path / "p.jsonl", rows)))
     with pytest.raises(ImportDataError, match="row 1: no system prompt"):
         import_pairs(src)
+
+
+def test_released_pairs_feed_the_train_stage_without_generating(tmp_path):
+    """pairs.source: the pairs stage imports the file; tasks/generate/... are not run."""
+    from conftest import compose
+
+    from cpt import store
+    from cpt.pipeline import resolve, run_plan
+
+    src = write_jsonl(tmp_path / "prefs.jsonl", pair_rows(True))
+    cfg = compose(f"run_dir={tmp_path / 'run'}", "stage=pairs", f"pairs.source.path={src}")
+    plan = resolve(cfg)
+    assert plan.selected == ("pairs",) and plan["pairs"].needs == ()
+    assert plan["train"].needs == ("pairs",)
+    (out,) = run_plan(plan)
+    table = store.read_table(out)
+    assert table.num_rows == 20 and set(table.column("split").to_pylist()) <= {"train", "test"}
+    assert store.read_json(out / "manifest.json")["imported_from"] == str(src)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["pairs"]

@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cpt.intervals import bootstrap_ci
 from cpt.metrics import (
     LevelScale,
     accuracy,
     best_of_n,
     bin_scores,
-    bootstrap_ci,
     breakdown,
     confusion,
     kendall_tau,
@@ -262,14 +262,15 @@ def test_summarize_cis_equal_bootstrap_ci_with_same_seed():
 
 
 def test_jackknife_rank_stats_equal_scipy_on_each_left_out_task():
-    from cpt.metrics import _level_indices, _rank_stats, bin_scores
+    from cpt.intervals import rank_stats
+    from cpt.metrics import _level_indices, bin_scores
 
     df = synthetic(n_tasks=6, per_cell=1, seed=5)
     df = df[df["judge_ok"]].reset_index(drop=True)
     target = _level_indices(df["target_level"], SCALE)
     score = df["score"].to_numpy(float)
     pred = _level_indices(bin_scores(score, SCALE), SCALE)
-    jack = _rank_stats(df["task_id"], target, score, pred).jackknife()
+    jack = rank_stats(df["task_id"], target, score, pred).jackknife()
     for i, task in enumerate(pd.unique(df["task_id"])):
         rest = df[df["task_id"] != task]
         x, y = rest["target_level"].map(SCALE.index), rest["score"]

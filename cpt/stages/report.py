@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from cpt import metrics, report, store
+from cpt import plots as plots_mod
 from cpt.config import CptConfig
 from cpt.graph import StageContext, StageSpec
 from cpt.stages import STAGES
@@ -95,10 +96,10 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         bon_levels = metrics.best_of_n(sdf, scale, ns, per_level=True)
         bon_centre = metrics.best_of_n(sdf, scale, ns, rule="bin_centre")
         bon_rows[student] = bon
-        report.plot_score_distributions(
+        plots_mod.plot_score_distributions(
             first, scale, f"{student}: judge score by target level", plots / f"{student}_scores.png"
         )
-        report.plot_best_of_n(
+        plots_mod.plot_best_of_n(
             bon_levels,
             bon,
             scale,
@@ -109,14 +110,14 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         vmax = max([float(c.values.max()) for c in confusions.values()] + [1.0])
         conf_md = []
         for model, conf in sorted(confusions.items()):
-            report.plot_confusion(
+            plots_mod.plot_confusion(
                 conf,
-                f"{student} / {report.MODEL_LABELS.get(model, model)}: target vs judged level",
+                f"{student} / {plots_mod.MODEL_LABELS.get(model, model)}: target vs judged level",
                 plots / f"{student}_{model}_confusion.png",
                 vmax=vmax,
             )
             conf_md += [
-                f"**{report.MODEL_LABELS.get(model, model)}** ({int(conf.values.sum())} judged "
+                f"**{plots_mod.MODEL_LABELS.get(model, model)}** ({int(conf.values.sum())} judged "
                 "responses)",
                 "",
                 report.frame_markdown(conf.reset_index()),
@@ -215,7 +216,7 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
     failures = {s: {m: v["judge_failures"] for m, v in by.items()} for s, by in summaries.items()}
     training = report.training_runs(run_dir, finished(run_dir, "train"))
     if training:
-        report.plot_training({s: m for s, (m, _) in training.items()}, plots / "training.png")
+        plots_mod.plot_training({s: m for s, (m, _) in training.items()}, plots / "training.png")
     variants = sorted({i["prompts"] for i in infos.values()}) or [cfg.prompts.name]
     recipes = sorted({r["recipe"] for _, r in training.values()})
     md = [
