@@ -222,6 +222,7 @@ class _Run:
     use_cpu: bool
     world: int
     resume: Path | None
+    quantized: str | None = None  # what the base model was loaded as ("4bit", "8bit")
 
     @property
     def ckpt_dir(self) -> Path:
@@ -322,6 +323,13 @@ def _trainer(run: _Run, timer: _StepTimer, callbacks: Sequence[TrainerCallback] 
         save_total_limit=SAVE_TOTAL_LIMIT,
     )
     model = load_model(run.student, run.cfg, run.model_path, run.use_cpu, zero_stage(run.ds_file))
+    run.quantized = (
+        "4bit"
+        if getattr(model, "is_loaded_in_4bit", False)
+        else "8bit"
+        if getattr(model, "is_loaded_in_8bit", False)
+        else None
+    )
     quiet_datasets()
     trainer = DPOTrainer(
         model=model,
@@ -340,14 +348,6 @@ def _save(run: _Run, trainer, timer: _StepTimer, eval_metrics: dict | None) -> T
     """Adapter (rank 0, atomic), metrics.parquet and train_summary.json."""
     import torch
 
-    model = trainer.model
-    quantized = (
-        "4bit"
-        if getattr(model, "is_loaded_in_4bit", False)
-        else "8bit"
-        if getattr(model, "is_loaded_in_8bit", False)
-        else None
-    )
     cfg, student, out_dir = run.cfg, run.student, run.out_dir
     rows_per_step = cfg.per_device_batch_size * cfg.grad_accum * run.world
     samples_per_s = timer.steps() * rows_per_step / timer.seconds() if timer.seconds() else 0.0
@@ -368,7 +368,7 @@ def _save(run: _Run, trainer, timer: _StepTimer, eval_metrics: dict | None) -> T
             "deepspeed": run.ds_name,
             "world_size": run.world,
             "device": "cpu" if run.use_cpu else torch.cuda.get_device_name(),
-            "base_quantized": quantized,
+            "base_quantized": run.quantized,
             "data": run.train_stats,
             "eval_data": run.eval_stats,
             "eval": eval_metrics,
