@@ -187,7 +187,8 @@ def headline(summaries: dict[str, dict[str, dict[str, Any]]], tasks: dict[str, i
         if cpt is None:
             continue
         cells = [f"{LABELS[m]} {fmt(base[m]) if base else '-'} -> {fmt(cpt[m])}" for m in METRICS]
-        lines.append(f"{student} ({tasks.get(student, '-')} test tasks): " + ", ".join(cells))
+        n = tasks.get(student, "-")
+        lines.append(f"{student} ({n} test task{'' if n == 1 else 's'}): " + ", ".join(cells))
     return lines
 
 

@@ -14,12 +14,14 @@ from cpt.stages.evaluate import tuned_kind
 
 pytestmark = pytest.mark.slow
 TINY = ["teacher=tiny", "judge=tiny", "student=tiny", "parallel.backend=inline"]
-# 2 test tasks x 1 rubric x 3 levels x (base, cpt) x 4 samples, judged twice
+# 1 test task x 1 rubric x 3 levels x (base, cpt) x 4 samples, judged by two judges
 FAST = [
-    "tasks.num_tasks=6",
+    "tasks.num_tasks=3",
     "tasks.test_fraction=0.34",
     "rubrics.include=[concision]",
     "evaluate.agreement_fraction=0.1",
+    "engine.batch_size=24",
+    "evaluate.shard_size=48",
 ]
 
 
@@ -66,4 +68,4 @@ def test_external_full_checkpoint_is_evaluated_without_a_train_stage(tmp_path, t
     # the run ends on the report's path and its headline numbers
     tail = proc.stdout.strip().splitlines()
     assert tail[-2] == f"report: {run / 'report' / 'report.md'}"
-    assert tail[-1].startswith("  tiny (2 test tasks): Acc ")
+    assert tail[-1].startswith("  tiny (1 test task): Acc ")

@@ -145,7 +145,8 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
             f"Judge{'s' if len(info['judges']) > 1 else ''}: {', '.join(info['judges'])}"
             + (" (scores below: the panel mean)" if len(info["judges"]) > 1 else "")
             + "  ",
-            f"Test set: {tasks[student]} tasks, {prompts_n} prompts (task x rubric x target "
+            f"Test set: {tasks[student]} task{'' if tasks[student] == 1 else 's'}, {prompts_n} "
+            "prompts (task x rubric x target "
             f"level) per model, {samples} sample(s) each.",
             "",
             f"![scores](plots/{student}_scores.png)",
