@@ -229,9 +229,9 @@ def jackknife_t_ci(
     if g < 2 or not np.isfinite(point):
         return float("nan"), float("nan")
     half_q = t_quantile(1 - alpha / 2, g - 1)
-    if not fisher:
+    if not fisher:  # a share: the interval stays inside [0, 1]
         se = np.sqrt((g - 1) / g * np.sum((jack - jack.mean()) ** 2))
-        return float(point - half_q * se), float(point + half_q * se)
+        return float(max(0.0, point - half_q * se)), float(min(1.0, point + half_q * se))
     z = np.arctanh(np.clip(point, -_R_MAX, _R_MAX))
     zj = np.arctanh(np.clip(jack, -_R_MAX, _R_MAX))
     se = np.sqrt((g - 1) / g * np.sum((zj - zj.mean()) ** 2))

@@ -173,8 +173,9 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
             f"samples of each prompt (N = {', '.join(map(str, ns))}; at most "
             "`evaluate.samples`). Left: the mean judge score of the pick per target level; "
             "right: how often the pick's binned level is the target. A prompt whose first N "
-            'samples all failed judging counts as "no valid sample" (never as a score), so '
-            "every N has the same prompts.",
+            'samples all failed judging counts as "no valid sample" (never as a score) and '
+            "as a miss, so every N has the same prompts (and N=1 can be below Table 3, which "
+            "leaves failed judgements out).",
             "",
             report.frame_markdown(bon),
             "",
