@@ -7,8 +7,8 @@ Input rows (one per generated sample), as read from the judge stage:
     judge_ok (bool), and optionally model, sample_idx (0..N-1, for Best-of-N).
 
 A row is *valid* when ``judge_ok`` is True and ``score`` is not NaN. Invalid rows are excluded
-from every metric and reported as ``judge_failures`` (or ``groups_without_valid``): a failed
-judgement is never read as a score of 0.
+from every metric and reported as ``judge_failures`` (Best-of-N: ``no_valid``, its own
+outcome): a failed judgement is never read as a score of 0. Intervals: `cpt.intervals`.
 
 Paper settings (METHOD.md, "Evaluation"): levels low ≤ 40 < moderate ≤ 92.5 < extremely high,
 i.e. ``LevelScale(("low", "moderate", "extremely high"), (40.0, 92.5, 100.0))``.
@@ -19,7 +19,7 @@ Example (``judged`` is a judged-samples frame)::
     scale.bin(40.0), scale.bin(40.0001), scale.bin(100.0)  # low, moderate, extremely high
     summarize(judged, scale)  # {"n", "judge_failures", "accuracy", "accuracy_ci", ...}
     breakdown(judged, scale, by=["model", "rubric"])  # one summary row per group
-    best_of_n(judged, scale, ns=[1, 2, 4, 8])  # judge-selected Best-of-N, per model
+    best_of_n(judged, scale, ns=[1, 2, 4, 8])  # the paper's Best-of-N (highest score), per model
 """
 
 from __future__ import annotations
