@@ -336,3 +336,43 @@ def import_pairs(
             }
         )
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cpt.importers <raw dataset> <out dir> [--prompt col ...]`: the raw dataset
+    as `tasks.jsonl` (a task source: `tasks.sources=[{kind: jsonl, path: <out>/tasks.jsonl}]`),
+    `responses.parquet` (the teacher responses, generate-stage columns) and `rubrics.json`."""
+    import argparse
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cpt.levels import LevelScale as Scale
+
+    parser = argparse.ArgumentParser(prog="python -m cpt.importers", description=main.__doc__)
+    parser.add_argument("path", help="a .jsonl / .parquet file or a save_to_disk folder")
+    parser.add_argument("out", help="output folder")
+    parser.add_argument("--split", default="train")
+    for name, default in vars(RawColumns()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", default=default, help="column name")
+    args = parser.parse_args(argv)
+    cols = RawColumns(**{k: getattr(args, k) for k in vars(RawColumns())})
+    scale = Scale(("low", "moderate", "extremely_high"), (40.0, 92.5, 100.0))  # the paper's
+    got = import_raw(
+        DataSource(args.path, args.split), scale, cols, {"extremely_high": "extremely high"}
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tasks.jsonl").write_text(
+        "".join(json.dumps({"text": t.text}, ensure_ascii=False) + "\n" for t in got.tasks)
+    )
+    pq.write_table(pa.Table.from_pylist(got.responses), out / "responses.parquet")
+    (out / "rubrics.json").write_text(json.dumps(got.rubrics, ensure_ascii=False, indent=1))
+    print(
+        f"{len(got.tasks)} tasks, {len(got.responses)} responses, {len(got.rubrics)} rubrics -> {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -185,3 +185,14 @@ def test_released_pairs_feed_the_train_stage_without_generating(tmp_path):
     assert table.num_rows == 20 and set(table.column("split").to_pylist()) <= {"train", "test"}
     assert store.read_json(out / "manifest.json")["imported_from"] == str(src)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["pairs"]
+
+
+def test_raw_dataset_command_line(tmp_path):
+    from cpt.importers import main
+
+    src = write_jsonl(tmp_path / "raw.jsonl", raw_rows())
+    args = [str(src), str(tmp_path / "out"), "--target", "score_target"]
+    assert main([*args, "--response", "generation", "--model", "generator"]) == 0
+    tasks = (tmp_path / "out" / "tasks.jsonl").read_text().splitlines()
+    assert len(tasks) == 2 and json.loads(tasks[0]) == {"text": "Review the film Alien."}
+    assert pq.read_table(tmp_path / "out" / "responses.parquet").num_rows == 13
