@@ -56,7 +56,8 @@ def test_external_full_checkpoint_is_evaluated_without_a_train_stage(tmp_path, t
     (ev,) = (run / "evaluate").glob("tiny-*")
     m = store.read_json(ev / "manifest.json")
     assert m["tuned"] == str(released) and m["adapter"] == ""
-    cpt_rows = store.read_table(ev / "responses_cpt").to_pylist()
+    n_cpt = m["responses"]["cpt"]["n_shards"]
+    cpt_rows = store.read_shards(ev / "responses_cpt", n_cpt).to_pylist()
     assert cpt_rows and {r["model"] for r in cpt_rows} == {"cpt"}
     assert set(m["panel"]) == {"tiny_nosys"}
     md = (run / "report" / "report.md").read_text()
