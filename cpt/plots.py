@@ -167,13 +167,16 @@ def plot_best_of_n(
     right.set_ylabel("accuracy of the pick (binned level = target)")
     right.set_ylim(0, 1.02)
     right.set_title("accuracy of the best of N")
-    ns = sorted(per_level["n"].unique())
+    ns = [int(n) for n in sorted(per_level["n"].unique())] or [1]
     for ax in (left, right):
         ax.set_xscale("log", base=2)
+        ax.set_xlim(ns[0] / 1.25, ns[-1] * 1.25)  # explicit: one N (or no data) is valid too
         ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
         ax.set_xlabel("N (samples per prompt; the judge picks one)")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
     fig.suptitle(title)
     _save(fig, path)
     plt.close(fig)

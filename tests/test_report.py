@@ -193,3 +193,24 @@ def test_judge_agreement():
     assert (got["pairs"], got["compared"], got["failed_pairs"]) == (4, 3, 1)
     assert math.isclose(got["level_agreement"], 2 / 3)
     assert math.isclose(got["mean_abs_diff"], (20 + 45 + 4) / 3)
+
+
+def test_best_of_n_plot_with_one_sample_or_no_scores(tmp_path):
+    # evaluate.samples=1 gives one N; a run whose judgements all failed gives no scores
+    import pandas as pd
+
+    from cpt.plots import plot_best_of_n
+
+    scale = compose().levels.scale
+    one = pd.DataFrame(
+        {
+            "n": [1, 1],
+            "model": ["base", "cpt"],
+            "target_level": ["low", "low"],
+            "mean_score": [float("nan"), 30.0],
+            "accuracy": [0.0, 1.0],
+        }
+    )
+    for name, frame in (("one", one), ("empty", one.iloc[:0])):
+        plot_best_of_n(frame, frame, scale, name, tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

@@ -21,6 +21,7 @@ import pytest
 from conftest import REPO, compose, has_slurm, launch
 
 from cpt import slurm, store
+from cpt.config import resolve_recipe
 from cpt.graph import format_work
 from cpt.pipeline import resolve, stage_dir, stage_specs
 
@@ -453,7 +454,9 @@ def test_plan_prints_jobs_and_gpu_hours_and_submits_nothing(tmp_path):
         assert "submit" in line and "0 GPU, 1 CPU, 2 GB, 60 min" in line, line
         after = line.split()[line.split().index("min") + 1]  # the afterok column
         assert after == (",".join(spec.needs) or "-"), line
-        assert line.endswith(format_work(spec.plan(compose(*over)))), line  # shards etc.
+        planned = resolve_recipe(compose(*over, "cluster=ci"))[0]  # train=auto as the launch
+        assert line.endswith(format_work(spec.plan(planned))), line  # shards etc.
+    assert "training recipe: tiny (train=auto: cluster profile 'ci' gives 0 GPU(s) per job)" in out
     assert f"jobs to submit: {len(specs)}" in out
     assert "GPU-hours (upper bound, GPUs x time limit of each new job): 0.0" in out
     gpu = launch(*over, "cluster=example_h100").stdout  # a GPU site profile, planned only
