@@ -58,6 +58,8 @@ LABELS = {"accuracy": "Acc", "kendall_tau": "Kendall τ", "spearman_rho": "Spear
 def judged_frame(rows: pd.DataFrame, judge: str = "judge") -> pd.DataFrame:
     """Evaluation judgements -> the frame `cpt.metrics` expects (one row per rubric part),
     with the judge's name and the judged item (response x rubric part) kept for panels."""
+    if "generation_ok" in rows:  # failed generations were never judged (counted apart)
+        rows = rows[rows["generation_ok"].fillna(True).astype(bool)]
     return pd.DataFrame(
         {
             "student": rows["student"],
@@ -72,6 +74,16 @@ def judged_frame(rows: pd.DataFrame, judge: str = "judge") -> pd.DataFrame:
             "item": rows["gen_id"].astype(str) + "|" + rows["part_rubric"].astype(str),
         }
     )
+
+
+def generation_failures(rows: pd.DataFrame) -> dict[str, int]:
+    """model -> student generations that failed (counted per response, not per rubric part)."""
+    if "generation_ok" not in rows or rows.empty:
+        return {}
+    failed = rows[~rows["generation_ok"].fillna(True).astype(bool)]
+    per_model = failed.drop_duplicates("gen_id").groupby("model").size()
+    models = sorted(rows["model"].unique())
+    return {m: int(per_model.get(m, 0)) for m in models}
 
 
 def panel_frame(df: pd.DataFrame) -> pd.DataFrame:

@@ -19,7 +19,12 @@ CENTRE = {"low": 20, "moderate": 66, "extremely_high": 97}
 
 
 def fake_evaluation(
-    run_dir, student: str, path: str, fail_every: int = 7, panel: tuple[str, ...] = ()
+    run_dir,
+    student: str,
+    path: str,
+    fail_every: int = 7,
+    panel: tuple[str, ...] = (),
+    gen_fail_every: int = 0,
 ) -> None:
     """An evaluate/ folder as the evaluate stage writes it (CPT near target, base noisy);
     `panel`: extra judges whose scores differ from the main judge's by a little noise."""
@@ -31,7 +36,8 @@ def fake_evaluation(
                 for model in ("base", "cpt"):
                     for s in range(2):
                         i += 1
-                        ok = i % fail_every != 0
+                        gen_ok = not gen_fail_every or i % gen_fail_every != 0
+                        ok = i % fail_every != 0 and gen_ok
                         noise = 35 if model == "base" else 8
                         score = min(100, max(0, CENTRE[level] + rng.uniform(-noise, noise)))
                         rows.append(
@@ -52,6 +58,7 @@ def fake_evaluation(
                                 "ok": ok,
                                 "error": "" if ok else "not JSON",
                                 "attempts": 1,
+                                "generation_ok": gen_ok,
                             }
                         )
     d = run_dir / "evaluate" / f"{student}-abc"
@@ -214,3 +221,33 @@ def test_best_of_n_plot_with_one_sample_or_no_scores(tmp_path):
     for name, frame in (("one", one), ("empty", one.iloc[:0])):
         plot_best_of_n(frame, frame, scale, name, tmp_path / f"{name}.png")
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_failed_generations_are_counted_per_model_and_never_scored():
+    import pandas as pd
+
+    from cpt.report import generation_failures, judged_frame
+
+    def row(i: int, model: str, gen_ok: bool, part: str = "humour") -> dict:
+        ok = gen_ok  # the judge refused failed generations: ok False, no score
+        return {"id": f"j{i}{part}", "gen_id": f"g{i}", "student": "s", "model": model,
+                "task_id": "t", "part_rubric": part, "part_level": "low", "sample_idx": 0,
+                "score": 10.0 if ok else None, "ok": ok, "generation_ok": gen_ok,
+                "not_judged": "" if gen_ok else "generation failed: not judged"}  # fmt: skip
+
+    rows = pd.DataFrame(
+        [row(1, "base", True), row(2, "base", False), row(2, "base", False, "concision"),
+         row(3, "cpt", True), row(4, "cpt", True)]
+    )  # fmt: skip
+    frame = judged_frame(rows)
+    assert len(frame) == 3 and frame["judge_ok"].all()  # not judge failures, not scores
+    assert generation_failures(rows) == {"base": 1, "cpt": 0}  # per response, per model
+
+
+def test_report_counts_generation_failures_apart_from_judge_failures(tmp_path):
+    fake_evaluation(tmp_path, "tiny", "builtin:tiny", fail_every=1000, gen_fail_every=9)
+    stats = render(compose(f"run_dir={tmp_path}", "report.n_boot=20"), tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert stats["generation_failures"]["tiny"] == {"base": 8, "cpt": 8}  # 144 rows, every 9th
+    assert stats["judge_failures"]["tiny"] == {"base": 0, "cpt": 0}  # not counted as judged
+    assert "## Generation failures" in md and "- tiny: base 8, cpt 8" in md

@@ -24,7 +24,7 @@ from cpt import store
 from cpt.config import CptConfig, ModelConfig
 from cpt.generation import GenerateFactory, JudgeFactory, run_rows
 from cpt.graph import StageContext, StageSpec
-from cpt.judge import condition_parts, judge_grid
+from cpt.judge import JUDGE_KEY, condition_parts, judge_grid
 from cpt.prompts import (
     conditions,
     load_selected_rubrics,
@@ -192,6 +192,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "response": g["text"],
             "generation_ok": g["ok"],
         },
+        store.secret_file(ctx.out_dir / JUDGE_KEY),  # delimiter nonces: secret, resumable
     )
     stats = _judge(cfg, cfg.judge, judge_rows, ctx.out_dir, f"judge {cfg.judge.name}")
     extra = {

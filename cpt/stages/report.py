@@ -60,12 +60,13 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
     """Write report.md, metrics.json and plots under `out`; returns the metrics."""
     run_dir = Path(cfg.run_dir).absolute()
     scale = cfg.levels.scale
-    frames, infos, agreements = [], {}, {}
+    frames, infos, agreements, gen_failures = [], {}, {}, {}
     for d in finished(run_dir, "evaluate"):
         m = store.read_json(d / "manifest.json")
         student = m["config"]["student"]["name"]
         infos[student] = info = _student_info(d, m)
         frames.append(_judged(d, m, info))
+        gen_failures[student] = report.generation_failures(store.read_table(d).to_pandas())
         n_agree = m.get("agreement", {}).get("n_shards", 0)
         if n_agree:
             again = store.read_shards(d / "agreement", n_agree).to_pandas()
@@ -276,6 +277,13 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         "",
         *[f"- {s}: " + ", ".join(f"{m} {n}" for m, n in by.items()) for s, by in failures.items()],
         "",
+        "## Generation failures (student responses that failed; never judged, not in the metrics)",
+        "",
+        *[
+            f"- {s}: " + ", ".join(f"{m} {n}" for m, n in by.items())
+            for s, by in sorted(gen_failures.items())
+        ],
+        "",
         "## Judge self-agreement",
         "",
         report.agreement_heading(infos),
@@ -306,6 +314,7 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         "judge_failures": failures,
         "headline": report.headline(summaries, tasks),
         "report": str(out / "report.md"),
+        "generation_failures": gen_failures,
     }
 
 
