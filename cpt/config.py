@@ -778,9 +778,13 @@ def resolve_recipe(cfg: CptConfig, on_gpu: bool | None = None) -> tuple[CptConfi
             "train.gpu_recipe" if gpu else "train.cpu_recipe",
             f"no preset {path} (choose one of conf/train/*.yaml)",
         )
-        node = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
-        node.name = preset
-        cfg = dataclasses.replace(cfg, train=to_config(node))
+        try:  # the structured merge refuses keys TrainConfig does not have
+            node = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
+            node.name = preset
+            train = OmegaConf.to_object(node)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
+        cfg = dataclasses.replace(cfg, train=train)
         why = f" (train=auto: {why})"
     elif cfg.train.name != cfg.train.gpu_recipe:
         gpu, reason = trains_on_gpu(cfg) if on_gpu is None else (on_gpu, "given")
