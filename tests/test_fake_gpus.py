@@ -195,6 +195,7 @@ def test_pipeline_on_two_fake_gpus_every_model_asking_for_one(tmp_path, head):
         "teacher.gpus=1",
         "judge.gpus=1",
         "student.gpus=1",
+        "engine.replicas=0",  # as many replicas as the GPUs allow: 2
         f"run_dir={run_dir}",
         "tasks.num_tasks=4",
         "tasks.test_fraction=0.25",
