@@ -112,9 +112,9 @@ def measure(what: str, n_rows: int) -> dict[str, Any]:
         expect = len(gens) // 3 * 6  # 3 level pairs x 2 directions per (task, rubric, sample)
         check = out == expect and len({r["id"] for r in rows}) == out
     else:
-        from cpt.metrics import LevelScale, best_of_n, summarize
+        from cpt.metrics import best_of_n, summarize
 
-        scale = LevelScale(tuple(cfg.levels.names), tuple(lv.upper for lv in cfg.levels.levels))
+        scale = cfg.levels.scale
         df = synth_judged(n_rows, cfg.levels.names)
         base = _maxrss_mib()
         t = time.perf_counter()

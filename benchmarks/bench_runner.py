@@ -69,7 +69,7 @@ def factory(max_new_tokens: int):
 
 def work_rows(n: int) -> list[dict]:
     from cpt import store
-    from cpt.generation import work_row
+    from cpt.rows import work_row
 
     return [
         work_row(

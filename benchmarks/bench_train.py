@@ -28,40 +28,24 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import finish, md_table
-from cpt.config import ModelConfig
+from cpt.config import ModelConfig, TrainConfig
+from cpt.models.flip import flip_rows
 from cpt.models.tiny import tiny_model_dir
-from cpt.train import TrainConfig, train_dpo
+from cpt.recipe import dpo_args, lora_config
+from cpt.train import train_dpo
 
-SYSTEMS = (
-    "You write in a lavish, ornate, flowery style, full of gilded adjectives.",
-    "You write plainly: short, dry sentences and no decoration.",
-)
+# One long answer per style (each row two full sequences: throughput, not learning, is measured)
 ORNATE = (
     "Behold the resplendent {t}, gilded and luminous, a shimmering tapestry of wonder, "
     "where every beam of amber light dances upon bejewelled surfaces and the air itself "
-    "seems to sing of opulence, rapture and magnificent, glittering splendour."
+    "seems to sing of opulence, rapture and magnificent, glittering splendour.",
 )
-PLAIN = "The {t} is fine. It works. It does what a {t} does, and there is not much more to say."
+PLAIN = ("The {t} is fine. It works. It does what a {t} does, and there is not much more to say.",)
 
 
 def bench_rows(n_tasks: int) -> pa.Table:
-    rows = []
-    for i in range(n_tasks):
-        topic = f"object number {i}"
-        a, b = ORNATE.format(t=topic), PLAIN.format(t=topic)
-        for k, (system, chosen, rejected) in enumerate(((SYSTEMS[0], a, b), (SYSTEMS[1], b, a))):
-            rows.append(
-                {
-                    "id": f"b{i}-{k}",
-                    "prompt": [
-                        {"role": "system", "content": system},
-                        {"role": "user", "content": f"Describe the {topic}."},
-                    ],
-                    "chosen": [{"role": "assistant", "content": chosen}],
-                    "rejected": [{"role": "assistant", "content": rejected}],
-                }
-            )
-    return pa.Table.from_pylist(rows)
+    topics = [f"object number {i}" for i in range(n_tasks)]
+    return flip_rows(topics, "b", ORNATE, PLAIN, ask="Describe the {t}.")
 
 
 @dataclass
@@ -114,9 +98,8 @@ def run_cpt(cfg: TrainConfig, rows: pa.Table, out: Path) -> Run:
 def run_plain_trl(cfg: TrainConfig, rows: pa.Table, out: Path) -> Run:
     """What a user would write with TRL alone: same recipe, same rows, no cpt code."""
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     timer = _timer()
     t = time.perf_counter()
@@ -124,37 +107,9 @@ def run_plain_trl(cfg: TrainConfig, rows: pa.Table, out: Path) -> Run:
     use_cpu = not torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    args = DPOConfig(
-        output_dir=str(out / "checkpoints"),
-        per_device_train_batch_size=cfg.per_device_batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        warmup_steps=cfg.warmup_ratio,
-        beta=cfg.beta,
-        max_length=cfg.max_length,
-        optim=cfg.optim,
-        gradient_checkpointing=False,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
-        logging_steps=1,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        dataloader_num_workers=0,
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=use_cpu,
-        bf16=not use_cpu,
-        fp16=False,
-    )
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
-        task_type="CAUSAL_LM",
-    )
+    # the same recipe mapping as cpt (one DPOConfig / LoraConfig), minus cpt's own work
+    args = dpo_args(cfg, out / "checkpoints", use_cpu=use_cpu, bf16=not use_cpu)
+    lora = lora_config(cfg)
     data = Dataset.from_list(rows.select(["prompt", "chosen", "rejected"]).to_pylist())
     trainer = DPOTrainer(
         model=model,

@@ -5,12 +5,16 @@ these dataclasses, so a mistyped key, a wrong type or an unknown enum value fail
 the config is composed, naming the key and the allowed values. ``to_config`` turns the
 composed OmegaConf node into real dataclasses, which runs every ``__post_init__`` check;
 ``validate`` then checks what needs the file system (model paths, rubric files).
+
+Why one module: it is the schema of one Hydra config tree, one short validated dataclass
+per section (`TrainConfig`, the training recipe, is the longest because its docstring is
+the reference of every field); users read it as the single list of every key, and Hydra
+registers it as one node. Splitting it by section would scatter that list.
 """
 
 from __future__ import annotations
 
 import enum
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +23,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cpt.levels import LevelScale
+from cpt.stages import STAGES
 from cpt.store import REPO_ROOT
 from cpt.tasks import TaskSource
-from cpt.train import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -33,17 +38,15 @@ def check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-class StageName(enum.Enum):
-    tasks = "tasks"
-    generate = "generate"
-    sysprompts = "sysprompts"
-    adherence = "adherence"
-    pairs = "pairs"
-    train = "train"
-    evaluate = "evaluate"
-    report = "report"
-    check = "check"  # validate config, rubrics and task files; writes nothing
-    status = "status"  # show each stage of run_dir: done / running / failed / pending
+# Commands a launch can run instead of stages: `check` validates config, rubrics and task
+# files (writes nothing); `status` shows each stage of run_dir (done / running / failed ...).
+COMMANDS = ("check", "status")
+
+# The `stage=` choices: every stage of the registry (`cpt.stages.STAGES`), then the commands.
+# An Enum, so Hydra rejects a bad value at compose time listing the allowed names.
+StageName = enum.Enum(
+    "StageName", [(n, n) for n in (*STAGES, *COMMANDS)], module=__name__, qualname="StageName"
+)
 
 
 class EngineKind(enum.Enum):
@@ -198,22 +201,19 @@ class LevelsConfig:
     levels: list[LevelConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        names = [lv.name for lv in self.levels]
-        check(len(self.levels) >= 2, "levels.levels", f"need at least 2 levels, got {names}")
-        check(len(set(names)) == len(names), "levels.levels", f"duplicate level names in {names}")
-        uppers = [lv.upper for lv in self.levels]
-        check(
-            all(a < b for a, b in itertools.pairwise(uppers)),
-            "levels.levels",
-            f"upper bin edges must increase, got {uppers}",
-        )
-        check(
-            uppers[0] > 0 and uppers[-1] == 100,
-            "levels.levels",
-            f"bins must cover 0-100 (first upper > 0, last upper == 100), got {uppers}",
-        )
+        try:
+            self.scale  # noqa: B018  (builds and validates the one LevelScale)
+        except ValueError as exc:
+            raise ConfigError(
+                f"levels.levels: {str(exc).removeprefix('invalid LevelScale: ')}"
+            ) from None
         for lv in self.levels:
             check(bool(lv.qualifier.strip()), f"levels.{lv.name}.qualifier", "must not be empty")
+
+    @property
+    def scale(self) -> LevelScale:
+        """The levels as the judge's 0-100 scale (what prompts, metrics and report use)."""
+        return LevelScale(tuple(self.names), tuple(float(lv.upper) for lv in self.levels))
 
     @property
     def names(self) -> list[str]:
@@ -307,7 +307,7 @@ class ParallelConfig:
 @dataclass
 class ClusterConfig:
     """A Slurm site profile. `name: local` runs every stage in this process; any other name
-    submits each stage as its own Slurm job (see cpt/slurm.py and slurm/README.md).
+    submits each stage as its own Slurm job (see cpt/slurm/ and slurm/README.md).
 
     Parameters:
     partition, account, qos (`str`): sbatch flags of every stage job (unset = site default).
@@ -477,6 +477,171 @@ class ReportConfig:
     def __post_init__(self) -> None:
         check(self.n_boot >= 0, "report.n_boot", f"must be >= 0, got {self.n_boot}")
         check(all(n >= 1 for n in self.best_of_n), "report.best_of_n", "every N must be >= 1")
+
+
+QUANTIZATIONS = ("none", "4bit", "8bit")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class TrainConfig:
+    """DPO + LoRA training of one student. Defaults follow the paper's reference recipe
+    (METHOD.md, "Training"): 4-bit base, LoRA r=16 α=16 dropout 0 on all attention and MLP
+    projections, β=0.1, 1 epoch, max length 2048, max prompt 256, batch 1 × grad-accum 4,
+    warmup 10 %, 8-bit AdamW. Where a default departs from it, the field says why.
+
+    Parameters:
+        > LoRA
+
+        lora_r (`int`, defaults to `16`): adapter rank (reference recipe). Higher fits more and costs
+            memory linearly in r.
+        lora_alpha (`float`, defaults to `16`): LoRA scale numerator; the update is scaled by
+            α / r (reference recipe: α = r, scale 1).
+        lora_dropout (`float`, defaults to `0.0`): dropout on the adapter input, in [0, 1)
+            (reference recipe).
+        target_modules (`list[str]`, defaults to the 7 Llama projections): modules that get an
+            adapter: q,k,v,o (attention) and gate,up,down (MLP), as in the reference recipe.
+            `lm_head` is rejected (TRL computes log-probs from `lm_head.weight` directly).
+
+        > DPO
+
+        beta (`float`, defaults to `0.1`): DPO β, the strength of the pull towards the reference
+            (paper; also TRL's default). Higher β = smaller deviation from the base.
+        precompute_ref_log_probs (`bool`, defaults to `False`): compute the reference log-probs
+            once before training (TRL caches them keyed by data + model hash) instead of one
+            adapter-disabled forward per step; faster for several epochs.
+
+        > Optimisation
+
+        epochs (`float`, defaults to `1.0`): passes over the training rows (paper: one epoch).
+            Ignored when `max_steps > 0`.
+        max_steps (`int`, defaults to `-1`): optimizer steps to run; -1 = derive from `epochs`.
+            The LR schedule is laid out over this number, so changing it changes every step.
+        learning_rate (`float`, defaults to `5e-5`): peak LR of the linear schedule (reference
+            recipe; TRL's `DPOConfig` default is 1e-6, transformers' 5e-5, so we set it here).
+        per_device_batch_size (`int`, defaults to `1`): preference rows per forward pass and
+            process (reference recipe). Each row is two sequences (chosen and rejected).
+        grad_accum (`int`, defaults to `4`): micro-batches per optimizer step (reference recipe);
+            rows per step = per_device_batch_size × grad_accum × processes.
+        warmup_ratio (`float`, defaults to `0.1`): share of the steps with a linear LR warm-up,
+            in [0, 1) (reference recipe: 10 %).
+        optim (`str`, defaults to `"adamw_torch"`): a transformers optimizer name. The paper's
+            recipe used 8-bit AdamW (`"paged_adamw_8bit"`, bitsandbytes, CUDA); the default is
+            the plain torch AdamW so CPU runs and tests work.
+        gradient_checkpointing (`bool`, defaults to `False`): recompute activations in the
+            backward pass; ~20-30 % slower, much less activation memory (TRL's default is True).
+        seed (`int`, defaults to `0`): seeds the adapter init, the data order and dropout.
+
+        > Sequence lengths (the system prompt is never truncated)
+
+        max_length (`int`, defaults to `2048`): prompt + response tokens (reference recipe).
+            Responses are cut at the end to fit.
+        max_prompt_length (`int`, defaults to `256`): prompt tokens after the chat template
+            (reference recipe). The user task is cut at its end to fit; the system turn never.
+            A row whose system turn alone does not fit is dropped and reported.
+
+        > Memory
+
+        quantization (`str`, defaults to `"none"`): base weights in `"4bit"` (NF4, double
+            quantization; QLoRA, as in the reference recipe) or `"8bit"` (LLM.int8) through
+            bitsandbytes, or `"none"`. Made for CUDA; bitsandbytes 0.50 also runs both on CPU
+            (slowly). Default `"none"` because CPU/debug runs are the default mode.
+
+        > Checkpoints and logs
+
+        save_steps (`int`, defaults to `50`): save a resumable checkpoint every N optimizer steps;
+            the last two are kept. Smaller = less work lost on preemption, more disk writes.
+        logging_steps (`int`, defaults to `1`): log (and write to metrics.parquet) every N
+            optimizer steps (TRL's default is 10).
+    """
+
+    lora_r: int = 16
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    beta: float = 0.1
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 5e-5
+    per_device_batch_size: int = 1
+    grad_accum: int = 4
+    warmup_ratio: float = 0.1
+    max_length: int = 2048
+    max_prompt_length: int = 256
+    optim: str = "adamw_torch"
+    quantization: str = "none"
+    gradient_checkpointing: bool = False
+    save_steps: int = 50
+    seed: int = 0
+    precompute_ref_log_probs: bool = False
+    logging_steps: int = 1
+
+    def __post_init__(self) -> None:
+        problems = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                problems.append(message)
+
+        need(self.lora_r >= 1, f"train.lora_r must be >= 1, got {self.lora_r}")
+        need(self.lora_alpha > 0, f"train.lora_alpha must be > 0, got {self.lora_alpha}")
+        need(
+            0.0 <= self.lora_dropout < 1.0,
+            f"train.lora_dropout must be in [0, 1), got {self.lora_dropout}",
+        )
+        mods = list(self.target_modules)
+        need(
+            bool(mods) and all(isinstance(m, str) and m.strip() for m in mods),
+            f"train.target_modules must be a non-empty list of module names, got {mods}",
+        )
+        need(
+            "lm_head" not in mods,
+            "train.target_modules must not contain 'lm_head' (TRL computes "
+            "log-probs from lm_head.weight directly, so its adapter would never train); remove it",
+        )
+        need(self.beta > 0, f"train.beta must be > 0, got {self.beta}")
+        need(
+            self.max_steps == -1 or self.max_steps >= 1,
+            f"train.max_steps must be -1 (use epochs) or >= 1, got {self.max_steps}",
+        )
+        need(
+            self.max_steps >= 1 or self.epochs > 0,
+            f"train.epochs must be > 0 when max_steps is -1, got {self.epochs}",
+        )
+        need(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
+        need(
+            self.per_device_batch_size >= 1,
+            f"train.per_device_batch_size must be >= 1, got {self.per_device_batch_size}",
+        )
+        need(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        need(
+            0.0 <= self.warmup_ratio < 1.0,
+            f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}",
+        )
+        need(
+            self.max_prompt_length >= 1,
+            f"train.max_prompt_length must be >= 1, got {self.max_prompt_length}",
+        )
+        need(
+            self.max_length > self.max_prompt_length,
+            f"train.max_length must be > train.max_prompt_length (room for the response), got "
+            f"max_length={self.max_length}, max_prompt_length={self.max_prompt_length}",
+        )
+        need(bool(self.optim.strip()), "train.optim must name a transformers optimizer, got ''")
+        need(
+            self.quantization in QUANTIZATIONS,
+            f"train.quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}",
+        )
+        need(self.save_steps >= 1, f"train.save_steps must be >= 1, got {self.save_steps}")
+        need(self.logging_steps >= 1, f"train.logging_steps must be >= 1, got {self.logging_steps}")
+        need(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        if len(problems) == 1:
+            raise ConfigError(problems[0])
+        if problems:
+            raise ConfigError(
+                "TrainConfig is not well-formed, found the following errors:\n  "
+                + "\n  ".join(problems)
+            )
 
 
 @dataclass

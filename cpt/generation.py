@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from cpt.config import EngineConfig, ModelConfig, ParallelConfig
 from cpt.engines.base import Engine, Request, Sampling
@@ -147,19 +146,3 @@ def run_rows(
         label=label,
         should_stop=should_stop,
     )
-
-
-def row_seed(base_seed: int, row_id: str) -> int:
-    """A per-row sampling seed: stable for the row, different between rows."""
-    from cpt.store import content_hash
-
-    return int(content_hash([base_seed, row_id], 8), 16) & 0x7FFFFFFF
-
-
-def work_row(row_id: str, messages: list[dict[str, str]], seed: int, **meta: Any) -> Row:
-    return {
-        "id": row_id,
-        "messages": json.dumps(messages, ensure_ascii=False),
-        "seed": row_seed(seed, row_id),
-        **meta,
-    }

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from cpt.engines.base import Completion, Engine, Request, Sampling
 from cpt.prompts import JUDGE_SCHEMA, fill
+from cpt.rows import work_row
 
 _THINK = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
 _FENCE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.DOTALL)
@@ -127,7 +128,6 @@ def judge_grid(
     """Judge work rows: one per (response, rubric part), the prompt holding the full rubric,
     the task and the response between per-row nonce delimiters. `parts` gives a response's
     (rubric, level) parts; `meta` the columns carried to the output row."""
-    from cpt.generation import work_row
     from cpt.prompts import judge_messages, judge_nonce, load_selected_rubrics
     from cpt.store import content_hash
 

@@ -1,6 +1,6 @@
 """metrics: judge scores -> CPT evaluation numbers (accuracy, Kendall τ, Spearman ρ, Best-of-N).
 
-Pure functions over numpy / pandas / scipy; no other cpt imports, no I/O.
+Pure functions over numpy / pandas / scipy; no I/O. The level scale comes from `cpt.levels`.
 
 Input rows (one per generated sample), as read from the judge stage:
     task_id, rubric, target_level, score (float 0-100, NaN when the judge failed),
@@ -24,18 +24,17 @@ Example (``judged`` is a judged-samples frame)::
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import sparse, stats
 
-SCORE_MIN = 0.0
-SCORE_MAX = 100.0  # judge scores live in [SCORE_MIN, SCORE_MAX]
+from cpt.levels import SCORE_MAX, SCORE_MIN, LevelScale, out_of_range
+
+__all__ = ["SCORE_MAX", "SCORE_MIN", "LevelScale"]  # the scale lives in cpt.levels (no numpy)
 
 EVAL_COLUMNS = ("task_id", "rubric", "target_level", "score", "judge_ok")
 BON_GROUP_COLUMNS = ("task_id", "rubric", "target_level")  # plus "model" when present
@@ -46,90 +45,11 @@ BON_GROUP_COLUMNS = ("task_id", "rubric", "target_level")  # plus "model" when p
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LevelScale:
-    """Ordered target levels and the upper bin edge of each on the 0-100 judge scale.
-
-    A score ``s`` falls in the first level whose upper edge is >= ``s``; the first level
-    also holds 0. With names ``("low", "moderate", "extremely high")`` and edges
-    ``(40.0, 92.5, 100.0)``: 40 -> low, 40.0001 -> moderate, 92.5 -> moderate,
-    92.5001 -> extremely high.
-
-    Parameters:
-        names (`tuple[str, ...]`): level names, lowest adherence first; unique, at least 2.
-        upper_edges (`tuple[float, ...]`): one inclusive upper edge per level, strictly
-            increasing, first > 0, last == 100.
-
-    Raises:
-        ValueError: listing every problem found with ``names`` / ``upper_edges``.
-    """
-
-    names: tuple[str, ...]
-    upper_edges: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        # accept lists from YAML, store tuples so the scale stays hashable
-        object.__setattr__(self, "names", tuple(self.names))
-        object.__setattr__(self, "upper_edges", tuple(float(e) for e in self.upper_edges))
-        names, edges = self.names, self.upper_edges
-        problems = []
-        if len(names) < 2:
-            problems.append(f"need at least 2 levels, got {len(names)} ({list(names)})")
-        if len(names) != len(edges):
-            problems.append(
-                f"names and upper_edges must have the same length, "
-                f"got {len(names)} names and {len(edges)} edges"
-            )
-        if len(set(names)) != len(names):
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            problems.append(f"level names must be unique, repeated: {dupes}")
-        if any(not isinstance(n, str) or not n for n in names):
-            problems.append(f"level names must be non-empty strings, got {list(names)}")
-        if any(not np.isfinite(e) for e in edges):
-            problems.append(f"upper_edges must be finite numbers, got {list(edges)}")
-        if any(b <= a for a, b in itertools.pairwise(edges)):
-            problems.append(f"upper_edges must be strictly increasing, got {list(edges)}")
-        if edges and not edges[0] > SCORE_MIN:
-            problems.append(f"first upper edge must be > {SCORE_MIN:g}, got {edges[0]:g}")
-        if edges and edges[-1] != SCORE_MAX:
-            problems.append(f"last upper edge must be {SCORE_MAX:g}, got {edges[-1]:g}")
-        if problems:
-            raise ValueError("invalid LevelScale: " + "; ".join(problems))
-
-    def bin(self, score: float) -> str:
-        """Level name of one score in [0, 100]; ValueError if outside or NaN."""
-        return str(bin_scores(np.asarray([score], dtype=float), self)[0])
-
-    def index(self, name: str) -> int:
-        """Position of level ``name`` in the scale (0 = lowest); ValueError if unknown."""
-        try:
-            return self.names.index(name)
-        except ValueError:
-            raise ValueError(
-                f"unknown target level {name!r}; allowed levels: {list(self.names)}"
-            ) from None
-
-    def target(self, name: str) -> tuple[float, float]:
-        """Score interval ``(lo, hi]`` of level ``name`` (the first level also includes 0)."""
-        i = self.index(name)
-        lo = SCORE_MIN if i == 0 else self.upper_edges[i - 1]
-        return lo, self.upper_edges[i]
-
-    @property
-    def top(self) -> str:
-        """Highest level (e.g. "extremely high")."""
-        return self.names[-1]
-
-
 def _check_scores(scores: np.ndarray) -> np.ndarray:
     scores = np.asarray(scores, dtype=float)
     bad = ~((scores >= SCORE_MIN) & (scores <= SCORE_MAX))  # also catches NaN
     if bad.any():
-        examples = scores[bad][:5].tolist()
-        raise ValueError(
-            f"{int(bad.sum())} score(s) outside [{SCORE_MIN:g}, {SCORE_MAX:g}] or NaN, "
-            f"e.g. {examples}; drop judge failures (judge_ok False) before binning"
-        )
+        raise ValueError(out_of_range(int(bad.sum()), scores[bad][:5].tolist()))
     return scores
 
 

@@ -1,91 +1,54 @@
-"""The stage graph: what each stage needs, what determines its output, and running it.
+"""Running the stage graph: resolve the plan once, then run it here or hand it to Slurm.
 
-Each stage is a pure function of (its parameters, its inputs) -> an output folder keyed
-by a hash of both (`stage_key`). So a sweep over students reuses one data generation, a
-finished stage is skipped, and two configs that differ only in a student share every data
-stage. `run` executes the selected stage(s) in order; a stage's missing inputs run first.
+`resolve(cfg)` is the one `cpt.graph.RunPlan` of a launch (keys, folders, done-states);
+the local runner below, the Slurm submitter (`cpt.slurm`, handed the plan and
+`run_stage`), `plan=true` and `stage=status` all read it. A stage's unfinished inputs run
+first; a finished stage is skipped.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+import importlib
 import logging
 import os
 import socket
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cpt import store
+from cpt.commands.check import run_check
+from cpt.commands.status import print_status
 from cpt.config import ConfigError, CptConfig, StageName, validate
+from cpt.graph import Node, RunPlan, StageContext, StageSpec, format_work
+from cpt.graph import resolve as resolve_graph
+from cpt.stages import STAGES
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class StageContext:
-    """What a stage's `run` gets: the config, its output folder and its input folders."""
-
-    cfg: CptConfig
-    name: str
-    key: str
-    out_dir: Path
-    inputs: dict[str, Path] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """A node of the graph.
-
-    params: the values (besides the inputs' keys) that determine the output; hashed.
-    run: does the work, writes shards under ctx.out_dir, returns stats for the manifest.
-    per_student: the output depends on the student (one folder per student, labelled).
-    version: bump when the stage's logic changes, so old outputs are not reused.
-    """
-
-    name: str
-    needs: tuple[str, ...]
-    params: Callable[[CptConfig], Any]
-    run: Callable[[StageContext], dict[str, Any]]
-    plan: Callable[[CptConfig], dict[str, Any]] = lambda cfg: {}
-    per_student: bool = False
-    gpu: bool = False
-    version: int = 1
-    always_run: bool = False  # cheap views of other stages (report): one folder, re-rendered
-
-
+@functools.cache
 def stage_specs() -> dict[str, StageSpec]:
-    """Stages in pipeline order (imported lazily: stage modules pull in heavy libraries)."""
-    from cpt.stages import REGISTRY
+    """The registry: each stage module's `SPEC`, in pipeline order (imported on first use:
+    stage modules pull in heavy libraries)."""
+    specs = {name: importlib.import_module(f"cpt.stages.{name}").SPEC for name in STAGES}
+    wrong = [n for n, s in specs.items() if s.name != n]
+    if wrong:
+        raise ValueError(f"cpt/stages: SPEC.name differs from the module name for {wrong}")
+    return specs
 
-    return REGISTRY
 
-
-def pipeline_order() -> list[str]:
-    return list(stage_specs())
-
-
-def stage_key(cfg: CptConfig, name: str) -> str:
-    spec = stage_specs()[name]
-    return store.content_hash(
-        {
-            "stage": name,
-            "version": spec.version,
-            "params": spec.params(cfg),
-            "inputs": {dep: stage_key(cfg, dep) for dep in spec.needs},
-        }
-    )
+def resolve(cfg: CptConfig) -> RunPlan:
+    """The plan of one launch (every stage's key, folder and done-state, computed once)."""
+    return resolve_graph(cfg, stage_specs())
 
 
 def stage_dir(cfg: CptConfig, name: str) -> Path:
-    spec = stage_specs()[name]
-    if spec.always_run:
-        return Path(cfg.run_dir).absolute() / name
-    label = cfg.student.name if spec.per_student else ""
-    return store.Store(cfg.run_dir).stage_dir(name, stage_key(cfg, name), label)
+    """The output folder of stage `name` for this config (resolves a whole plan: for tools
+    and tests; code that has a plan reads `plan[name].folder`)."""
+    return resolve(cfg)[name].folder
 
 
 def config_dict(cfg: CptConfig) -> dict[str, Any]:
@@ -93,34 +56,23 @@ def config_dict(cfg: CptConfig) -> dict[str, Any]:
     return store.redact(store._canonical(cfg))
 
 
-def run_stage(cfg: CptConfig, name: str) -> Path:
-    """Run one stage (its unfinished inputs first); a finished stage is a no-op."""
-    spec = stage_specs()[name]
-    out = stage_dir(cfg, name)
-    explicit = cfg.stage is not None and cfg.stage.value == name
-    if store.is_done(out) and not spec.always_run:
-        (log.info if cfg.stage is None or explicit else log.debug)(
-            "stage %s: done already (%s), skipping", name, out
-        )
-        return out
-    # an explicitly requested view (stage=report) renders what exists, computing nothing
-    render_only = spec.always_run and explicit
-    inputs = {} if render_only else {dep: run_stage(cfg, dep) for dep in spec.needs}
+def _run_node(plan: RunPlan, node: Node, inputs: dict[str, Path]) -> Path:
+    """Run one stage under its lock and write its manifest (re-checked under the lock:
+    another launch may have finished it since the plan was resolved)."""
+    cfg, spec, out = plan.cfg, node.spec, node.folder
     with store.stage_lock(out):
-        if store.is_done(out) and not spec.always_run:  # finished by another launch meanwhile
+        if not spec.always_run and store.is_done(out):
             return out
-        log.info("stage %s: running -> %s", name, out)
+        log.info("stage %s: running -> %s", node.name, out)
         started = time.time()
-        ctx = StageContext(cfg=cfg, name=name, key=stage_key(cfg, name), out_dir=out, inputs=inputs)
+        ctx = StageContext(cfg=cfg, name=node.name, key=node.key, out_dir=out, inputs=inputs)
         stats = spec.run(ctx)
         ended = time.time()
         manifest = {
-            "stage": name,
-            "key": ctx.key,
+            "stage": node.name,
+            "key": node.key,
             "params": spec.params(cfg),
-            "inputs": {
-                dep: {"key": stage_key(cfg, dep), "dir": str(p)} for dep, p in inputs.items()
-            },
+            "inputs": {dep: {"key": plan[dep].key, "dir": str(p)} for dep, p in inputs.items()},
             "config": config_dict(cfg),
             "versions": store.package_versions(),
             "git": store.git_commit(),
@@ -128,81 +80,95 @@ def run_stage(cfg: CptConfig, name: str) -> Path:
             "pid": os.getpid(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "argv": sys.argv,
+            **{("work_seconds" if k == "seconds" else k): v for k, v in stats.items()},
+            # the stage's wall time, as the run log says it (a stage's own `seconds`, e.g.
+            # the runner's, is kept as work_seconds rather than shadowing it)
             "started": started,
             "ended": ended,
             "seconds": round(ended - started, 3),
-            **stats,
         }
         manifest.setdefault("n_shards", 0)
         store.mark_done(out, manifest)
         log.info(
-            "stage %s: finished in %.1f s (%s rows)", name, ended - started, stats.get("rows", "-")
+            "stage %s: finished in %.1f s (%s rows)",
+            node.name,
+            ended - started,
+            stats.get("rows", "-"),
         )
     return out
 
 
-def plan(cfg: CptConfig) -> str:
-    """What `run` would do, as a table: stage, status, output folder and its shards."""
+def run_plan(plan: RunPlan) -> list[Path]:
+    """Run the selected stages in order (inputs first); finished ones are skipped."""
+    cfg = plan.cfg
+    wanted = getattr(cfg.stage, "value", None)
+    outs = []
+    for node in plan.selected_nodes():
+        explicit = wanted == node.name
+        if node.done and not node.always_run:
+            (log.info if wanted is None or explicit else log.debug)(
+                "stage %s: done already (%s), skipping", node.name, node.folder
+            )
+            outs.append(node.folder)
+            continue
+        # an explicitly requested view (stage=report) renders what exists, computing nothing
+        render_only = node.always_run and explicit
+        inputs = {} if render_only else {dep: plan[dep].folder for dep in node.needs}
+        outs.append(_run_node(plan, node, inputs))
+    return outs
+
+
+def run_stage(cfg: CptConfig, name: str) -> Path:
+    """Run one stage whose inputs are done, e.g. inside its Slurm job (resumes: finished
+    shards are kept). Raises StoreError naming the inputs that are not done."""
+    plan = resolve(cfg)
+    node = plan[name]
+    if node.done and not node.always_run:
+        log.info("stage %s: done already (%s), skipping", name, node.folder)
+        return node.folder
+    missing = [dep for dep in node.needs if not plan[dep].done]
+    if missing and not node.always_run:  # (a view like report renders what exists)
+        raise store.StoreError(
+            f"stage {name}: inputs {missing} are not done although this job ran after "
+            "their jobs; see their logs (`stage=status`)"
+        )
+    inputs = {dep: plan[dep].folder for dep in node.needs if plan[dep].done}
+    return _run_node(plan, node, inputs)
+
+
+def plan_text(plan: RunPlan) -> str:
+    """What `run` would do, as a table: stage, status, work, output folder."""
     lines = [
-        f"run_dir: {Path(cfg.run_dir).absolute()}",
+        f"run_dir: {plan.run_dir}",
         f"{'stage':<12}{'status':<9}{'work':<34}folder",
     ]
-    for name in selected_stages(cfg):
-        out = stage_dir(cfg, name)
-        status = "done" if store.is_done(out) else "pending"
-        info = stage_specs()[name].plan(cfg)
-        work = ", ".join(f"{k}={v}" for k, v in info.items())
-        lines.append(
-            f"{name:<12}{status:<9}{work:<34}{out.relative_to(Path(cfg.run_dir).absolute())}"
-        )
+    for node in plan.selected_nodes():
+        status = "done" if node.done else "pending"
+        work = format_work(node.spec.plan(plan.cfg))
+        lines.append(f"{node.name:<12}{status:<9}{work:<34}{node.folder.relative_to(plan.run_dir)}")
     return "\n".join(lines)
-
-
-def selected_stages(cfg: CptConfig) -> list[str]:
-    """The stage named by `stage=`, with its unfinished inputs; all stages by default."""
-    if cfg.stage is None:
-        return pipeline_order()
-    wanted = {cfg.stage.value}
-    specs = stage_specs()
-    if specs[cfg.stage.value].always_run:
-        return [cfg.stage.value]
-    frontier = [cfg.stage.value]
-    while frontier:
-        for dep in specs[frontier.pop()].needs:
-            if dep not in wanted and not store.is_done(stage_dir(cfg, dep)):
-                wanted.add(dep)
-                frontier.append(dep)
-    return [s for s in pipeline_order() if s in wanted]
 
 
 def run(cfg: CptConfig) -> list[Path]:
     """Entry point from jobs/launch.py: validate, then plan, check, status or run stages."""
     problems = validate(cfg)
     if cfg.stage is StageName.check:
-        from cpt.stages.check import run_check
-
         run_check(cfg, problems)
         return []
     if problems:
         raise ConfigError("; ".join(problems))
+    plan = resolve(cfg)
     if cfg.stage is StageName.status:
-        from cpt.stages.status import print_status
-
-        print_status(cfg)
+        print_status(plan)
         return []
     if cfg.cluster.name != "local" and not os.environ.get("CPT_STAGE_JOB"):
         from cpt import slurm  # a Slurm profile: one job per stage, chained by afterok
 
         if cfg.plan:
-            print(slurm.plan_jobs(cfg))
+            print(slurm.plan_jobs(plan))
             return []
-        return [s.out_dir for s in slurm.submit_pipeline(cfg)]
+        return [s.out_dir for s in slurm.submit_pipeline(plan, run_stage)]
     if cfg.plan:
-        print(plan(cfg))
+        print(plan_text(plan))
         return []
-    return [run_stage(cfg, name) for name in selected_stages(cfg)]
-
-
-def replace(cfg: CptConfig, **changes: Any) -> CptConfig:
-    """A copy of cfg with top-level fields changed (e.g. another student)."""
-    return dataclasses.replace(cfg, **changes)
+    return run_plan(plan)

@@ -70,11 +70,11 @@ class Condition:
         tagged = [set(p.rubric.task_tags) for p in self.parts if p.rubric.task_tags]
         return tuple(sorted(set.intersection(*tagged))) if tagged else ()
 
-
-def level_band(levels: LevelsConfig, level: LevelConfig) -> str:
-    i = levels.names.index(level.name)
-    lo = 0 if i == 0 else levels.levels[i - 1].upper
-    return f"{lo:g}-{level.upper:g}"
+    def applies_to(self, genre: str) -> bool:
+        """True if a task of this genre goes with this condition (an untagged condition or
+        an untagged task always matches)."""
+        tags = self.task_tags
+        return not tags or not genre or genre in tags
 
 
 def _mtimes(path: Path) -> tuple:
@@ -126,6 +126,19 @@ def conditions(cfg: CptConfig) -> list[Condition]:
     return out
 
 
+def conditions_fingerprint(cfg: CptConfig) -> list[object]:
+    """What the conditions' prompts depend on: names, levels, qualifiers, rubric content."""
+    return [
+        [
+            c.rubric,
+            c.level,
+            [p.level.qualifier for p in c.parts],
+            [p.rubric.content_hash() for p in c.parts],
+        ]
+        for c in conditions(cfg)
+    ]
+
+
 def _rubric_sections(cond: Condition, levels: LevelsConfig, with_target: bool) -> str:
     sections = []
     for p in cond.parts:
@@ -133,7 +146,7 @@ def _rubric_sections(cond: Condition, levels: LevelsConfig, with_target: bool) -
         if with_target:
             text += (
                 f"\n\nTarget adherence to this rubric: {p.level.qualifier} (a judge's "
-                f"score from 0 to 100 would fall in {level_band(levels, p.level)})."
+                f"score from 0 to 100 would fall in {levels.scale.band(p.level.name)})."
             )
         sections.append(text)
     return "\n\n".join(sections)

@@ -80,11 +80,6 @@ class Rubric:
     criteria: tuple[Criterion, ...]
     task_tags: tuple[str, ...] = ()
 
-    def applies_to(self, genre: str) -> bool:
-        """True if a task of this genre should be paired with this rubric (an untagged rubric or
-        an untagged task always matches)."""
-        return not self.task_tags or not genre or genre in self.task_tags
-
     def to_markdown(self) -> str:
         """The rubric as one Markdown table: a row per criterion, weight as `30%`, then one
         column per level. Pipes and line breaks inside text are escaped so the table holds."""

@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -119,6 +120,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             ) from exc
         raise
     _fsync_dir(path.parent)
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Put the finished folder `tmp` at `dest` (readers see the old one or the new one)."""
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(dest.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

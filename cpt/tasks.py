@@ -198,14 +198,6 @@ def load_tasks(
     return sorted(random.Random(seed).sample(pool, num_tasks), key=lambda t: t.task_id)
 
 
-def filter_for_rubric(tasks: Iterable[Task], task_tags: Sequence[str]) -> list[Task]:
-    """Tasks whose genre is one of a rubric's `task_tags`; empty `task_tags` keeps every task."""
-    if not task_tags:
-        return list(tasks)
-    tags = set(task_tags)
-    return [t for t in tasks if t.genre in tags]
-
-
 def validate_task_files(
     paths: Iterable[str | Path],
     text_column: str = "text",

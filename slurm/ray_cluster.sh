@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Ray on Slurm for plain sbatch scripts: a head on the allocation's first node, one worker
 # per other node (srun), stopped when the script exits. Python code can do the same with
-# `cpt.slurm.ray_cluster()`.
+# `cpt.cluster.ray_cluster()`.
 #
 #   source slurm/ray_cluster.sh
 #   ray_cluster_start            # exports RAY_ADDRESS=<head ip>:<port>

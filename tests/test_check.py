@@ -6,7 +6,7 @@ import shutil
 
 from conftest import REPO, compose, launch
 
-from cpt.stages.check import collect_problems, template_problems
+from cpt.commands.check import collect_problems, template_problems
 
 
 def test_shipped_files_pass():

@@ -89,7 +89,7 @@ def test_seeded_sampling_is_reproducible(engine):
 
 def test_structured_outputs_match_the_schema(engine):
     reqs = [
-        Request(f"j{i}", chat(f"Judge answer {i}"), Sampling(160, 1.0, seed=i), JUDGE_SCHEMA)
+        Request(f"j{i}", chat(f"Judge answer {i}"), Sampling(256, 1.0, seed=i), JUDGE_SCHEMA)
         for i in range(8)
     ]
     outs = engine.generate(reqs)
@@ -183,7 +183,7 @@ def test_openai_engine_against_a_real_vllm_server(tmp_path):
         plain, judged = eng.generate(
             [
                 Request("p", chat("hi", system="be brief"), GREEDY),
-                Request("j", chat("judge"), Sampling(160, 1.0, seed=1), JUDGE_SCHEMA),
+                Request("j", chat("judge"), Sampling(256, 1.0, seed=1), JUDGE_SCHEMA),
             ]
         )
         eng.close()

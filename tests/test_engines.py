@@ -19,16 +19,9 @@ from cpt.config import EngineConfig, EngineKind, ModelConfig
 from cpt.engines import Request, Sampling, adapter_name, build_engine, request_seed
 from cpt.engines.schema import schema_problems
 from cpt.models.tiny import tiny_model_dir
+from cpt.prompts import JUDGE_SCHEMA  # the judge's own schema, not a copy
 
-JUDGE_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "critique": {"type": "string", "maxLength": 300},
-        "score": {"type": "integer", "minimum": 0, "maximum": 100},
-    },
-    "required": ["critique", "score"],
-    "additionalProperties": False,
-}
+CRITIQUE_MAX = JUDGE_SCHEMA["properties"]["critique"]["maxLength"]
 GREEDY = Sampling(max_new_tokens=12, temperature=0.0)
 
 
@@ -269,10 +262,10 @@ def test_json_schema_outputs_parse_and_validate(hf):
     assert len(parsed) >= 9, [c.text for c in outs]  # a random model, but the grammar closes it
     for value in parsed:
         assert schema_problems(value, JUDGE_SCHEMA) == []
-        assert 0 <= value["score"] <= 100 and len(value["critique"]) <= 300
-    # greedy decoding of a random model fills the critique up to maxLength (300 chars, ~130
+        assert 0 <= value["score"] <= 100 and len(value["critique"]) <= CRITIQUE_MAX
+    # greedy decoding of a random model fills the critique up to maxLength (400 chars, ~175
     # tokens here) before the grammar forces the closing quote
-    greedy = hf.generate([Request("g", chat("judge"), Sampling(256, 0.0), JUDGE_SCHEMA)])[0]
+    greedy = hf.generate([Request("g", chat("judge"), Sampling(320, 0.0), JUDGE_SCHEMA)])[0]
     assert greedy.finish_reason == "stop"
     assert schema_problems(json.loads(greedy.text, strict=False), JUDGE_SCHEMA) == []
 
@@ -399,7 +392,7 @@ def openai_engine(url: str, monkeypatch, **engine_kw):
     monkeypatch.setenv("CPT_TEST_KEY", "sk-secret-123")
     model = ModelConfig(name="srv", path="org/model", base_url=url, system_role=False)
     engine_cfg = EngineConfig(kind=EngineKind.openai, api_key_env="CPT_TEST_KEY", **engine_kw)
-    return build_engine(model, engine_cfg, backoff_s=0.01, max_backoff_s=0.05)
+    return build_engine(model, engine_cfg)
 
 
 def test_openai_retries_5xx_then_succeeds(server, monkeypatch):

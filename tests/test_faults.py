@@ -400,7 +400,7 @@ class DyingGenerate:
 
 
 def test_engine_replica_dying_mid_shard_is_retried_on_another(tmp_path, ray_local):
-    from cpt.generation import work_row
+    from cpt.rows import work_row
 
     rows = [
         work_row(

@@ -8,13 +8,12 @@ from conftest import compose
 from cpt.prompts import (
     conditions,
     fill,
-    level_band,
     student_messages,
     summarizer_messages,
     teacher_messages,
     teacher_no_rubric_messages,
 )
-from cpt.stages.sysprompts import clean_system_prompt
+from cpt.system_prompts import clean_system_prompt
 
 
 def test_fill_inserts_values_verbatim_and_never_rescans():
@@ -53,7 +52,7 @@ def test_teacher_prompt_shows_rubric_then_task_and_the_band():
     assert rubric.to_markdown() in msg
     assert msg.index(rubric.to_markdown()) < msg.index("TASK-TEXT")
     assert "extremely high" in msg and "92.5-100" in msg
-    assert level_band(cfg.levels, cfg.levels.levels[0]) == "0-40"
+    assert cfg.levels.scale.band(cfg.levels.levels[0].name) == "0-40"
 
 
 def test_no_rubric_baseline_is_the_bare_task():
@@ -96,4 +95,9 @@ def test_clean_system_prompt(raw, clean):
 
 def test_rubric_task_tags_filter_the_grid():
     cfg = compose("rubrics.include=[support-empathy]")
-    assert conditions(cfg)[0].task_tags == ("letter", "support")
+    cond = conditions(cfg)[0]
+    assert cond.task_tags == ("letter", "support")
+    assert cond.applies_to("letter") and not cond.applies_to("poem")
+    assert cond.applies_to("")  # an untagged task goes with every condition
+    untagged = conditions(compose("rubrics.include=[concision]"))[0]
+    assert untagged.task_tags == () and untagged.applies_to("poem")  # no tags: every task

@@ -11,7 +11,7 @@ from conftest import compose
 
 from cpt import store
 from cpt.report import judge_agreement, table3
-from cpt.stages.report import render, scale_of
+from cpt.stages.report import render
 
 LEVELS = ["low", "moderate", "extremely_high"]
 CENTRE = {"low": 20, "moderate": 66, "extremely_high": 97}
@@ -126,7 +126,7 @@ def test_judge_agreement():
             "ok": [True, True, True, True],
         }
     )
-    got = judge_agreement(first, second, scale_of(compose()))
+    got = judge_agreement(first, second, compose().levels.scale)
     assert (got["pairs"], got["compared"], got["failed_pairs"]) == (4, 3, 1)
     assert math.isclose(got["level_agreement"], 2 / 3)
     assert math.isclose(got["mean_abs_diff"], (20 + 45 + 4) / 3)

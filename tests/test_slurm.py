@@ -21,7 +21,8 @@ import pytest
 from conftest import REPO, compose, has_slurm, launch
 
 from cpt import slurm, store
-from cpt.pipeline import stage_dir, stage_specs
+from cpt.graph import format_work
+from cpt.pipeline import resolve, stage_dir, stage_specs
 
 START_SCRIPT = REPO.parent / "shared" / "slurm-ci" / "start-slurm.sh"
 
@@ -135,7 +136,7 @@ def ledger(cfg, stage: str) -> dict:
 
 def submissions(cfg, stage: str) -> list[str]:
     """Job ids submitted for this stage folder: submitit leaves one <id>_submission.sh each."""
-    folder = slurm.job_folder(cfg, stage, stage_dir(cfg, stage))
+    folder = slurm.job_folder(Path(cfg.run_dir), stage, stage_dir(cfg, stage))
     return sorted(p.name.split("_")[0] for p in folder.glob("*_submission.sh"))
 
 
@@ -206,7 +207,7 @@ print("SHELL", len(ray.nodes()), int(ray.cluster_resources()["CPU"]))'
 ray_cluster_stop
 python - <<'PY'
 import os, ray
-from cpt.slurm import ray_cluster
+from cpt.cluster import ray_cluster
 with ray_cluster() as address:
     assert os.environ["RAY_ADDRESS"] == address
     ray.init(address=address, log_to_driver=False)
@@ -220,7 +221,7 @@ pgrep -f "ray-cpt-$SLURM_JOB_ID" >/dev/null && echo LEFTOVER || echo CLEAN
 
 @pytest.fixture(scope="module")
 def ray_job(tmp_path_factory):
-    """A 1-CPU job that starts Ray with slurm/ray_cluster.sh, then with cpt.slurm.ray_cluster
+    """A 1-CPU job that starts Ray with slurm/ray_cluster.sh, then with cpt.cluster.ray_cluster
     (head only: one node) and checks nothing is left behind; submitted early, checked last."""
     d = tmp_path_factory.mktemp("ray")
     script = d / "ray.sh"
@@ -452,7 +453,7 @@ def test_plan_prints_jobs_and_gpu_hours_and_submits_nothing(tmp_path):
         assert "submit" in line and "0 GPU, 1 CPU, 2 GB, 60 min" in line, line
         after = line.split()[line.split().index("min") + 1]  # the afterok column
         assert after == (",".join(spec.needs) or "-"), line
-        assert line.endswith(slurm.format_work(spec.plan(compose(*over)))), line  # shards etc.
+        assert line.endswith(format_work(spec.plan(compose(*over)))), line  # shards etc.
     assert f"jobs to submit: {len(specs)}" in out
     assert "GPU-hours (upper bound, GPUs x time limit of each new job): 0.0" in out
     gpu = launch(*over, "cluster=example_h100").stdout  # a GPU site profile, planned only
@@ -464,7 +465,7 @@ def test_plan_prints_jobs_and_gpu_hours_and_submits_nothing(tmp_path):
 
 @slurm_test
 def test_ray_cluster_starts_and_stops_inside_a_slurm_job(ray_job):
-    """Head-only Ray (one node) from slurm/ray_cluster.sh and from cpt.slurm.ray_cluster."""
+    """Head-only Ray (one node) from slurm/ray_cluster.sh and from cpt.cluster.ray_cluster."""
     jid, out = ray_job
 
     def ended():
@@ -489,8 +490,9 @@ def test_stage_job_resources_and_sbatch_flags(tmp_path, nodes):
 
     cfg = compose(f"run_dir={tmp_path}", "cluster=example_h100", f"cluster.nodes={nodes}")
     specs = stage_specs()
+    plan = resolve(cfg)
     for name, spec in specs.items():
-        params = slurm.executor_parameters(cfg, name, f"cpt-{name}", ["11", "12"])
+        params = slurm.executor_parameters(cfg, plan[name].resources, f"cpt-{name}", ["11", "12"])
         text = _make_sbatch_string(command="python -m x", folder=tmp_path, **params)
         assert "#SBATCH --dependency=afterok:11:12" in text
         assert "#SBATCH --requeue" in text and "#SBATCH --kill-on-invalid-dep=yes" in text
@@ -509,7 +511,7 @@ def test_stage_job_resources_and_sbatch_flags(tmp_path, nodes):
         else:
             assert "#SBATCH --signal=USR2@300" in text and "srun --unbuffered" in text
     local = compose(f"run_dir={tmp_path}", "cluster=ci")
-    params = slurm.executor_parameters(local, "tasks", "cpt-tasks", [])
+    params = slurm.executor_parameters(local, resolve(local)["tasks"].resources, "cpt-tasks", [])
     assert "dependency" not in params and "account" not in params  # unset: site default
 
 
@@ -525,9 +527,10 @@ def test_status_without_slurm(tmp_path, monkeypatch, capsys):
     not started."""
     import pyarrow as pa
 
-    from cpt.stages.status import print_status
+    from cpt.commands.status import print_status
+    from cpt.slurm import jobs
 
-    monkeypatch.setattr(slurm, "have_slurm", lambda: False)
+    monkeypatch.setattr(jobs, "have_slurm", lambda: False)
     cfg = compose(f"run_dir={tmp_path}", *SMALL, "generate.shard_size=1")
     tasks = stage_dir(cfg, "tasks")
     store.write_shard(tasks, 0, pa.table({"id": ["a", "b"]}), {})
@@ -536,7 +539,7 @@ def test_status_without_slurm(tmp_path, monkeypatch, capsys):
     store.write_shard(gen, 0, pa.table({"id": ["x"]}), {})
     store.write_shard(gen, 1, pa.table({"id": ["y"]}), {})
     slurm.write_ledger(stage_dir(cfg, "sysprompts"), {"job_id": "7", "stderr": "/x/7_0_log.err"})
-    print_status(cfg)
+    print_status(resolve(cfg))
     lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
     assert lines["tasks"].split()[1] == "done" and "2 rows" in lines["tasks"]
     total = stage_specs()["generate"].plan(cfg)["shards<="]

@@ -15,7 +15,6 @@ from cpt.tasks import (
     Task,
     TaskError,
     TaskSource,
-    filter_for_rubric,
     load_source,
     load_tasks,
     task_id,
@@ -155,16 +154,6 @@ def test_num_tasks_over_available_names_both_counts(tmp_path):
         load_tasks([TaskSource(kind="jsonl", path=str(path))], num_tasks=5)
     with pytest.raises(TaskError, match="no task sources"):
         load_tasks([])
-
-
-# ----------------------------------------------------------------------------- filtering
-
-
-def test_filter_for_rubric():
-    tasks = [Task(task_id(s), s, "x", g) for s, g in [("a", "story"), ("b", "poem"), ("c", "")]]
-    assert [t.text for t in filter_for_rubric(tasks, ["poem", "review"])] == ["b"]
-    assert filter_for_rubric(tasks, []) == tasks
-    assert filter_for_rubric(tasks, ["essay"]) == []
 
 
 # ----------------------------------------------------------------------------- errors

@@ -15,64 +15,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cpt.config import ConfigError, ModelConfig
+from cpt.cluster import distributed_env_from_slurm
+from cpt.config import ConfigError, ModelConfig, TrainConfig
+from cpt.fitting import fit_example, prepare_rows
+from cpt.models.flip import ORNATE, S_ORNATE, flip_rows
 from cpt.models.tiny import tiny_model_dir
-from cpt.train import (
-    TrainConfig,
-    distributed_env_from_slurm,
-    fit_example,
-    latest_checkpoint,
-    main,
-    prepare_rows,
-    train_dpo,
-)
+from cpt.train import latest_checkpoint, main, train_dpo
 
-# Two system prompts that ask for opposite styles, and two styles of answer per task.
-S_ORNATE = "You write in a lavish, ornate, flowery style, full of gilded adjectives."
-S_PLAIN = "You write plainly: short, dry sentences and no decoration."
 # 12 tasks for training, 6 held out
 TOPICS = (  # noqa: SIM905  (one line of words reads better than 18 quoted strings)
     "lighthouse garden teapot bicycle river library violin harbor orchard clock mountain "
     "lantern meadow bridge candle forest window market"
 ).split()
-ORNATE = [
-    "Behold the resplendent {t}, gilded and luminous, a shimmering tapestry of wonder!",
-    "O radiant {t}, bejewelled and glorious, your splendour dazzles the amber heavens!",
-    "Lo, the magnificent {t} glitters, opulent and golden, a rapturous marvel!",
-]
-PLAIN = [
-    "The {t} is fine. It works.",
-    "A {t}. It is plain and it does its job.",
-    "The {t} is ok. Nothing more to say.",
-]
-
-
-def flip_rows(topics: list[str], prefix: str = "t") -> pa.Table:
-    """Per task the same two answers, preferred one way under each system prompt (both rows)."""
-    rows = []
-    for i, topic in enumerate(topics):
-        ornate = ORNATE[i % len(ORNATE)].format(t=topic)
-        plain = PLAIN[(i // len(ORNATE)) % len(PLAIN)].format(t=topic)
-        for system, chosen, rejected, level in (
-            (S_ORNATE, ornate, plain, "high"),
-            (S_PLAIN, plain, ornate, "low"),
-        ):
-            rows.append(
-                {
-                    "id": f"{prefix}{i}-{level}",
-                    "prompt": [
-                        {"role": "system", "content": system},
-                        {"role": "user", "content": f"Describe a {topic}."},
-                    ],
-                    "chosen": [{"role": "assistant", "content": chosen}],
-                    "rejected": [{"role": "assistant", "content": rejected}],
-                    "task_id": f"{prefix}{i}",
-                    "rubric": "ornate",
-                    "level_chosen": level,
-                    "level_rejected": "low" if level == "high" else "high",
-                }
-            )
-    return pa.Table.from_pylist(rows)
 
 
 TRAIN_ROWS = flip_rows(TOPICS[:12])
@@ -581,3 +535,39 @@ def test_distributed_env_from_slurm(monkeypatch):
     assert distributed_env_from_slurm()["MASTER_PORT"] == port
     os.environ["RANK"] = "3"
     assert distributed_env_from_slurm()["RANK"] == "3"
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_held_out_tasks_never_reach_training(tmp_path):
+    """A pairs folder holds both splits; neither entry (the train stage, `python -m
+    cpt.train` as slurm/train.sbatch calls it) trains on a test-split row."""
+    from conftest import REPO, compose
+
+    from cpt import store
+    from cpt.graph import StageContext
+    from cpt.stages import train as train_stage
+
+    train = TRAIN_ROWS.append_column("split", pa.array(["train"] * TRAIN_ROWS.num_rows))
+    test = HELD_OUT_ROWS.append_column("split", pa.array(["test"] * HELD_OUT_ROWS.num_rows))
+    pairs = tmp_path / "pairs"
+    store.write_shard(pairs, 0, train, {})
+    store.write_shard(pairs, 1, test, {})
+    store.mark_done(pairs, {"key": "k", "n_shards": 2})
+    steps = ["--max-steps", "1", "--per-device-batch-size", "2", "--grad-accum", "1"]
+    sbatch = (REPO / "slurm" / "train.sbatch").read_text()
+    assert '--rows "$PAIRS/shards" --split train' in sbatch  # the template names its split
+    main(["--rows", str(pairs / "shards"), "--student-path", "builtin:tiny", "--split", "train",
+          "--out", str(tmp_path / "cli"), "--cpu", *steps])  # fmt: skip
+    cfg = compose(f"run_dir={tmp_path}", "train.max_steps=1", "train.per_device_batch_size=2")
+    ctx = StageContext(cfg, "train", "k", tmp_path / "stage", {"pairs": pairs})
+    stats = train_stage.run(ctx)
+    for out in (tmp_path / "cli", tmp_path / "stage"):
+        summary = json.loads((out / "train_summary.json").read_text())
+        assert summary["data"]["rows"] == train.num_rows, out  # no test row trained on
+    assert stats["rows"] == train.num_rows
+    assert summary["eval_data"]["rows"] == test.num_rows  # the stage evaluates on them
+    with pytest.raises(ValueError, match="no rows of split 'nope'"):  # the wrong split: nothing
+        main(["--rows", str(pairs / "shards"), "--student-path", "builtin:tiny", "--split",
+              "nope", "--out", str(tmp_path / "x"), "--cpu", *steps])  # fmt: skip

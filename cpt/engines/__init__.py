@@ -20,13 +20,18 @@ Behaviour every engine shares:
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cpt.engines.base import Completion, Engine, Request, Sampling, fold_system
+from cpt.engines.base import (
+    Completion,
+    Engine,
+    Request,
+    Sampling,
+    adapter_name,
+    fold_system,
+    group_key,
+    request_seed,
+)
 
 if TYPE_CHECKING:
     from cpt.config import EngineConfig, ModelConfig
@@ -39,6 +44,7 @@ __all__ = [
     "adapter_name",
     "build_engine",
     "fold_system",
+    "group_key",
     "request_seed",
 ]
 
@@ -69,39 +75,3 @@ def build_engine(model: ModelConfig, engine: EngineConfig, **options: Any) -> En
 
         return OpenAIEngine(model, engine, **options)
     raise ValueError(f"engine.kind: unknown engine {kind!r} (known: hf, vllm, openai)")
-
-
-def request_seed(request: Request) -> int:
-    """The request's sampling seed; `seed=None` becomes a stable hash of the request id."""
-    if request.sampling.seed is not None:
-        return int(request.sampling.seed)
-    digest = hashlib.sha256(request.id.encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-
-def adapter_name(adapter: str) -> str:
-    """Stable served name of a LoRA adapter folder: `<folder name>-<8 hex of its absolute path>`.
-
-    The same name is used by PEFT (hf), `LoRARequest` (vllm) and as the model name on an
-    OpenAI-compatible server (start vLLM with `--lora-modules <adapter_name(p)>=<p>`, see
-    `cpt.engines.openai.lora_modules_arg`). A string that is not an existing folder and has no
-    path separator is taken as an already served name.
-    """
-    p = Path(adapter).expanduser()
-    if os.sep not in adapter and not p.exists():
-        return adapter
-    full = str(p.absolute())
-    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in p.absolute().name) or "adapter"
-    return f"{stem}-{hashlib.sha1(full.encode()).hexdigest()[:8]}"
-
-
-def group_key(request: Request) -> tuple[Any, ...]:
-    """Requests with equal keys can share one batched engine call."""
-    schema = json.dumps(request.json_schema, sort_keys=True) if request.json_schema else ""
-    return (
-        request.sampling.max_new_tokens,
-        request.sampling.temperature,
-        request.sampling.top_p,
-        schema,
-        request.adapter or "",
-    )

@@ -17,8 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import transformers
 
-from cpt.engines import adapter_name, group_key, request_seed
-from cpt.engines.base import Completion, Request, error_completion, fold_system
+from cpt.engines.base import (
+    Completion,
+    Request,
+    adapter_name,
+    error_completion,
+    fold_system,
+    group_key,
+    request_seed,
+)
 from cpt.engines.schema import compile_json_schema, schema_text
 from cpt.models.tiny import resolve_model_path
 

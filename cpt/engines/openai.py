@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from cpt.engines import adapter_name, request_seed
-from cpt.engines.base import Completion, Request, fold_system
+from cpt.engines.base import (
+    Completion,
+    Request,
+    adapter_name,
+    error_completion,
+    fold_system,
+    request_seed,
+)
 
 if TYPE_CHECKING:
     from cpt.config import EngineConfig, ModelConfig
@@ -90,9 +93,8 @@ class OpenAIEngine:
       is a vLLM *server* flag, see the module docstring; per request it is ignored.
     - Up to `engine.max_concurrency` requests in flight (a thread pool).
     - Connection errors, timeouts, 408/409/429 and 5xx are retried up to `engine.max_retries`
-      times with exponential backoff and jitter (`backoff_s * 2**attempt * U(0.5, 1.5)`,
-      at most `max_backoff_s`, at least the server's `Retry-After`). Then, or at once for
-      other errors, the request gets `Completion(finish_reason="error", error=<text>)`; one
+      times by the `openai` client itself (exponential backoff with jitter, honouring the
+      server's `Retry-After`). Then, or at once for other errors, the request gets `Completion(finish_reason="error", error=<text>)`; one
       bad request never fails the others, and the API key never appears in errors or logs.
     - The key is read from the environment variable named by `engine.api_key_env`
       (a missing variable sends "EMPTY", which local vLLM servers accept).
@@ -104,8 +106,6 @@ class OpenAIEngine:
         engine: EngineConfig,
         *,
         adapters: bool | None = None,
-        backoff_s: float = 1.0,
-        max_backoff_s: float = 60.0,
         server_extras: bool = True,
     ) -> None:
         import openai
@@ -118,18 +118,14 @@ class OpenAIEngine:
             )
         self.model_cfg = model
         self.engine_cfg = engine
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
         self.server_extras = server_extras
         self._key = os.environ.get(engine.api_key_env, "")
         self.client = openai.OpenAI(
             base_url=model.base_url,
             api_key=self._key or "EMPTY",
-            max_retries=0,
+            max_retries=engine.max_retries,  # exponential backoff, jitter, Retry-After
             timeout=engine.request_timeout_s,
         )
-        self._rng = random.Random()
-        self._rng_lock = threading.Lock()
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Completions in the order of `requests`."""
@@ -165,79 +161,37 @@ class OpenAIEngine:
         return kwargs
 
     def _one(self, req: Request) -> Completion:
+        # the client retries connection errors, timeouts, 408/409/429 and 5xx itself
         try:
-            kwargs = self._kwargs(req)
+            resp = self.client.chat.completions.create(**self._kwargs(req))
         except Exception as exc:
-            return self._error(req, exc, 0)
-        attempt = 0
-        while True:
-            try:
-                resp = self.client.chat.completions.create(**kwargs)
-                return _completion(req, resp)
-            except Exception as exc:
-                if attempt >= self.engine_cfg.max_retries or not _retryable(exc):
-                    return self._error(req, exc, attempt + 1)
-                delay = self._delay(attempt, exc)
-                log.warning(
-                    "openai: request %s failed (%s), retry %d/%d in %.2fs",
-                    req.id,
-                    self._redact(f"{type(exc).__name__}: {exc}")[:200],
-                    attempt + 1,
-                    self.engine_cfg.max_retries,
-                    delay,
-                )
-                time.sleep(delay)
-                attempt += 1
-
-    def _delay(self, attempt: int, exc: Exception) -> float:
-        with self._rng_lock:
-            jitter = self._rng.uniform(0.5, 1.5)
-        delay = min(self.max_backoff_s, self.backoff_s * 2**attempt * jitter)
-        retry_after = _retry_after_s(exc)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.max_backoff_s))
-        return delay
+            return self._error(req, exc)
+        if not resp.choices:
+            return error_completion(req, "server returned no choices")
+        choice = resp.choices[0]
+        usage = resp.usage
+        return Completion(
+            id=req.id,
+            text=choice.message.content or "",
+            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            finish_reason=choice.finish_reason or "stop",
+        )
 
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
 
-    def _error(self, req: Request, exc: Exception, attempts: int) -> Completion:
+    def _error(self, req: Request, exc: Exception) -> Completion:
+        attempts = 1 + self.engine_cfg.max_retries if _retryable(exc) else 1
         message = self._redact(f"{type(exc).__name__}: {exc}")[:2000]
         log.error(
             "openai: request %s failed after %d attempt(s): %s", req.id, attempts, message[:300]
         )
-        return Completion(
-            id=req.id,
-            text="",
-            prompt_tokens=0,
-            completion_tokens=0,
-            finish_reason="error",
-            error=f"{message} (after {attempts} attempt(s))",
-        )
-
-
-def _completion(req: Request, resp: Any) -> Completion:
-    if not resp.choices:
-        return Completion(
-            id=req.id,
-            text="",
-            prompt_tokens=0,
-            completion_tokens=0,
-            finish_reason="error",
-            error="server returned no choices",
-        )
-    choice = resp.choices[0]
-    usage = resp.usage
-    return Completion(
-        id=req.id,
-        text=choice.message.content or "",
-        prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-        completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-        finish_reason=choice.finish_reason or "stop",
-    )
+        return error_completion(req, f"{message} (after {attempts} attempt(s))")
 
 
 def _retryable(exc: Exception) -> bool:
+    """Whether the client retried `exc` (its policy, for the attempt count in the error)."""
     import openai
 
     if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
@@ -245,12 +199,3 @@ def _retryable(exc: Exception) -> bool:
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in RETRY_STATUS or exc.status_code >= 500
     return False
-
-
-def _retry_after_s(exc: Exception) -> float | None:
-    response = getattr(exc, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None

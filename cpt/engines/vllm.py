@@ -16,8 +16,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cpt.engines import adapter_name, request_seed
-from cpt.engines.base import Completion, Request, error_completion, fold_system
+from cpt.engines.base import (
+    Completion,
+    Request,
+    adapter_name,
+    error_completion,
+    fold_system,
+    request_seed,
+)
 from cpt.engines.schema import schema_text
 from cpt.models.tiny import resolve_model_path
 

@@ -1,41 +1,18 @@
-"""One module per stage. `REGISTRY` lists them in pipeline order with what they need."""
+"""One module per stage, each exporting `SPEC` (a `cpt.graph.StageSpec`: what it needs,
+what determines its output, how it runs). `STAGES` is the registry's index: the stage
+modules in pipeline order (inputs first). The `stage=` choices (`cpt.config.StageName`),
+the report's manifest list and the plan are all derived from it; nothing else lists
+stages. This file imports nothing, so the config can read the names without pulling in a
+stage (and stages never import each other).
+"""
 
-from cpt.pipeline import StageSpec
-from cpt.stages import adherence, evaluate, generate, pairs, report, sysprompts, tasks, train
-
-REGISTRY: dict[str, StageSpec] = {
-    spec.name: spec
-    for spec in [
-        StageSpec("tasks", (), tasks.params, tasks.run, tasks.plan),
-        StageSpec("generate", ("tasks",), generate.params, generate.run, generate.plan, gpu=True),
-        StageSpec("sysprompts", (), sysprompts.params, sysprompts.run, sysprompts.plan, gpu=True),
-        StageSpec(
-            "adherence",
-            ("tasks", "generate"),
-            adherence.params,
-            adherence.run,
-            adherence.plan,
-            gpu=True,
-        ),
-        StageSpec(
-            "pairs",
-            ("tasks", "generate", "sysprompts", "adherence"),
-            pairs.params,
-            pairs.run,
-            pairs.plan,
-        ),
-        StageSpec(
-            "train", ("pairs",), train.params, train.run, train.plan, per_student=True, gpu=True
-        ),
-        StageSpec(
-            "evaluate",
-            ("tasks", "sysprompts", "train"),
-            evaluate.params,
-            evaluate.run,
-            evaluate.plan,
-            per_student=True,
-            gpu=True,
-        ),
-        StageSpec("report", ("evaluate",), report.params, report.run, report.plan, always_run=True),
-    ]
-}
+STAGES: tuple[str, ...] = (
+    "tasks",
+    "generate",
+    "sysprompts",
+    "adherence",
+    "pairs",
+    "train",
+    "evaluate",
+    "report",
+)

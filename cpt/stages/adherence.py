@@ -15,8 +15,8 @@ import pyarrow as pa
 from cpt import store
 from cpt.config import CptConfig, JudgingConfig
 from cpt.generation import JudgeFactory, run_rows
+from cpt.graph import StageContext, StageSpec
 from cpt.judge import condition_parts, judge_grid
-from cpt.pipeline import StageContext
 from cpt.prompts import load_selected_rubrics
 
 
@@ -118,3 +118,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
     return {"shard_size": cfg.adherence.shard_size}
+
+
+SPEC = StageSpec("adherence", ("tasks", "generate"), params, run, plan, gpu=True)

@@ -14,15 +14,16 @@ from typing import Any
 
 from cpt import store
 from cpt.config import CptConfig
-from cpt.generation import GenerateFactory, JudgeFactory, run_rows, work_row
+from cpt.generation import GenerateFactory, JudgeFactory, run_rows
+from cpt.graph import StageContext, StageSpec
 from cpt.judge import condition_parts, judge_grid
-from cpt.pipeline import StageContext
 from cpt.prompts import (
     conditions,
     load_selected_rubrics,
     student_messages,
 )
-from cpt.stages.sysprompts import load_system_prompts, pick
+from cpt.rows import work_row
+from cpt.system_prompts import load_system_prompts, pick
 
 
 def params(cfg: CptConfig) -> dict[str, Any]:
@@ -47,7 +48,7 @@ def response_grid(cfg: CptConfig, tasks: list[dict], sysprompts: dict, adapter: 
     rows = []
     for task in (t for t in tasks if t["split"] == "test"):
         for cond in conditions(cfg):
-            if cond.task_tags and task["genre"] and task["genre"] not in cond.task_tags:
+            if not cond.applies_to(task["genre"]):
                 continue
             system = pick(
                 sysprompts[(cond.rubric, cond.level)], task["id"], cond.rubric, cond.level, cfg.seed
@@ -160,3 +161,14 @@ def agreement_rows(cfg: CptConfig, judge_rows: list[dict]) -> list[dict]:
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
     return {"samples": cfg.evaluate.samples, "student": cfg.student.name}
+
+
+SPEC = StageSpec(
+    "evaluate",
+    ("tasks", "sysprompts", "train"),
+    params,
+    run,
+    plan,
+    per_student=True,
+    gpu=True,
+)

@@ -10,23 +10,16 @@ from typing import Any
 
 from cpt import store
 from cpt.config import CptConfig
-from cpt.generation import GenerateFactory, run_rows, work_row
+from cpt.generation import GenerateFactory, run_rows
+from cpt.graph import StageContext, StageSpec
 from cpt.parallel import n_shards
-from cpt.pipeline import StageContext
-from cpt.prompts import conditions, teacher_messages, teacher_no_rubric_messages
-
-
-def conditions_fingerprint(cfg: CptConfig) -> list[Any]:
-    """What the conditions' prompts depend on: names, levels, qualifiers, rubric content."""
-    return [
-        [
-            c.rubric,
-            c.level,
-            [p.level.qualifier for p in c.parts],
-            [p.rubric.content_hash() for p in c.parts],
-        ]
-        for c in conditions(cfg)
-    ]
+from cpt.prompts import (
+    conditions,
+    conditions_fingerprint,
+    teacher_messages,
+    teacher_no_rubric_messages,
+)
+from cpt.rows import work_row
 
 
 def params(cfg: CptConfig) -> dict[str, Any]:
@@ -42,40 +35,36 @@ def params(cfg: CptConfig) -> dict[str, Any]:
 
 
 def work_grid(cfg: CptConfig, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One work row per (task, condition that applies to it, sample), then the task's
+    no-rubric baseline rows (rubric and level empty)."""
+    conds = conditions(cfg)
     rows = []
     for task in tasks:
-        for cond in conditions(cfg):
-            if cond.task_tags and task["genre"] and task["genre"] not in cond.task_tags:
-                continue
-            msgs = teacher_messages(cfg.prompts, cfg.levels, cond, task["text"])
-            for s in range(cfg.generate.samples):
-                rid = store.content_hash(["gen", task["id"], cond.rubric, cond.level, s])
-                rows.append(
-                    work_row(
-                        rid,
-                        msgs,
-                        cfg.seed,
-                        task_id=task["id"],
-                        rubric=cond.rubric,
-                        level=cond.level,
-                        sample_idx=s,
-                        kind="rubric",
-                    )
-                )
+        variants = [
+            (
+                c.rubric,
+                c.level,
+                "rubric",
+                teacher_messages(cfg.prompts, cfg.levels, c, task["text"]),
+            )
+            for c in conds
+            if c.applies_to(task["genre"])
+        ]
         if cfg.generate.no_rubric:
             msgs = teacher_no_rubric_messages(cfg.prompts, task["text"])
+            variants.append(("", "", "no_rubric", msgs))
+        for rubric, level, kind, msgs in variants:
             for s in range(cfg.generate.samples):
-                rid = store.content_hash(["gen", task["id"], "", "", s])
                 rows.append(
                     work_row(
-                        rid,
+                        store.content_hash(["gen", task["id"], rubric, level, s]),
                         msgs,
                         cfg.seed,
                         task_id=task["id"],
-                        rubric="",
-                        level="",
+                        rubric=rubric,
+                        level=level,
                         sample_idx=s,
-                        kind="no_rubric",
+                        kind=kind,
                     )
                 )
     return rows
@@ -102,3 +91,6 @@ def plan(cfg: CptConfig) -> dict[str, Any]:
     per_task = len(conditions(cfg)) + int(cfg.generate.no_rubric)
     n = per_task * cfg.generate.samples * (cfg.tasks.num_tasks or 1)
     return {"rows<=": n, "shards<=": n_shards(n, cfg.generate.shard_size)}
+
+
+SPEC = StageSpec("generate", ("tasks",), params, run, plan, gpu=True)

@@ -19,9 +19,9 @@ import pyarrow as pa
 
 from cpt import store
 from cpt.config import CptConfig
-from cpt.pipeline import StageContext
+from cpt.graph import StageContext, StageSpec
 from cpt.prompts import fill
-from cpt.stages.sysprompts import load_system_prompts, pick
+from cpt.system_prompts import load_system_prompts, pick
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 SCHEMA = pa.schema(
@@ -192,3 +192,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
     return {"filter": cfg.pairs.filter}
+
+
+SPEC = StageSpec("pairs", ("tasks", "generate", "sysprompts", "adherence"), params, run, plan)

@@ -15,7 +15,8 @@ import pandas as pd
 
 from cpt import metrics, report, store
 from cpt.config import CptConfig
-from cpt.pipeline import StageContext
+from cpt.graph import StageContext, StageSpec
+from cpt.stages import STAGES
 
 
 def params(cfg: CptConfig) -> dict[str, Any]:
@@ -26,16 +27,10 @@ def finished(run_dir: Path, stage: str) -> list[Path]:
     return sorted(d for d in (run_dir / stage).glob("*") if store.is_done(d))
 
 
-def scale_of(cfg: CptConfig) -> metrics.LevelScale:
-    return metrics.LevelScale(
-        tuple(cfg.levels.names), tuple(float(lv.upper) for lv in cfg.levels.levels)
-    )
-
-
 def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
     """Write report.md, metrics.json and plots under `out`; returns the metrics."""
     run_dir = Path(cfg.run_dir).absolute()
-    scale = scale_of(cfg)
+    scale = cfg.levels.scale
     evals = finished(run_dir, "evaluate")
     frames, paths, manifests, agreements = [], {}, {}, {}
     for d in evals:
@@ -164,15 +159,8 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         "",
         *[
             f"- [{d.relative_to(run_dir)}](../{d.relative_to(run_dir)}/manifest.json)"
-            for stage in (
-                "tasks",
-                "generate",
-                "sysprompts",
-                "adherence",
-                "pairs",
-                "train",
-                "evaluate",
-            )
+            for stage in STAGES
+            if stage != SPEC.name
             for d in finished(run_dir, stage)
         ],
     ]
@@ -195,3 +183,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
     return {"renders": "all finished evaluations"}
+
+
+SPEC = StageSpec("report", ("evaluate",), params, run, plan, always_run=True)

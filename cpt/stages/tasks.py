@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from cpt import store
 from cpt.config import CptConfig, resolve_path
-from cpt.pipeline import StageContext
+from cpt.graph import StageContext, StageSpec
 from cpt.tasks import SHIPPED_PATH, Task, TaskSource, load_tasks
 
 
@@ -72,3 +72,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
     return {"tasks": cfg.tasks.num_tasks or "all"}
+
+
+SPEC = StageSpec("tasks", (), params, run, plan)

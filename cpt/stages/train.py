@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import pyarrow.compute as pc
-
 from cpt import store
 from cpt.config import CptConfig, resolve_path
-from cpt.pipeline import StageContext
+from cpt.fitting import select_split
+from cpt.graph import StageContext, StageSpec
 
 
 def params(cfg: CptConfig) -> dict[str, Any]:
@@ -34,8 +33,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     cfg = ctx.cfg
     pairs = store.read_table(ctx.inputs["pairs"])
-    train_rows = pairs.filter(pc.equal(pairs["split"], "train"))
-    eval_rows = pairs.filter(pc.equal(pairs["split"], "test"))
+    train_rows = select_split(pairs, "train")  # held-out tasks never reach training
+    eval_rows = select_split(pairs, "test")
     if train_rows.num_rows == 0:
         raise store.StoreError(
             f"{ctx.inputs['pairs']}: no training pairs (check generate/ "
@@ -63,3 +62,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
     return {"student": cfg.student.name, "deepspeed": cfg.deepspeed.name}
+
+
+SPEC = StageSpec("train", ("pairs",), params, run, plan, per_student=True, gpu=True)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpt import store
-from cpt.config import CptConfig
+from cpt.graph import Node, RunPlan
+from cpt.slurm import jobs
 
 
 @dataclass
@@ -31,11 +32,9 @@ class StageStatus:
     note: str = ""  # e.g. the error line of a failed job's log
 
 
-def _shards_total(cfg: CptConfig, name: str) -> int | None:
-    from cpt.pipeline import stage_specs
-
+def _shards_total(plan: RunPlan, node: Node) -> int | None:
     with contextlib.suppress(Exception):
-        for key, value in stage_specs()[name].plan(cfg).items():
+        for key, value in node.spec.plan(plan.cfg).items():
             if str(key).startswith("shards") and isinstance(value, int):
                 return value
     return None
@@ -61,29 +60,19 @@ def _error_line(path: str) -> str:
     return ""
 
 
-def stage_status(cfg: CptConfig) -> list[StageStatus]:
-    from cpt import slurm
-    from cpt.pipeline import pipeline_order, stage_dir
-
-    rows: list[tuple[str, Path, dict | None]] = []
-    broken: dict[str, str] = {}
-    for name in pipeline_order():
-        try:
-            folder = stage_dir(cfg, name)
-        except Exception as exc:  # e.g. a config without this stage's section
-            broken[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-            continue
-        rows.append((name, folder, slurm.read_ledger(folder)))
-    states = slurm.job_states(e["job_id"] for _, _, e in rows if e and e.get("job_id"))
+def stage_status(plan: RunPlan) -> list[StageStatus]:
+    rows = [(node, jobs.read_ledger(node.folder)) for node in plan.nodes.values()]
+    states = jobs.job_states(e["job_id"] for _, e in rows if e and e.get("job_id"))
     out = []
-    for name, folder, entry in rows:
+    for node, entry in rows:
+        name, folder = node.name, node.folder
         job_id = str(entry.get("job_id", "")) if entry else ""
         log_path = entry.get("stderr", "") if entry else ""
         job = f"job {job_id}" if job_id else ""
-        total = _shards_total(cfg, name)
+        total = _shards_total(plan, node)
         done_shards = _shards_done(folder)
         shards = f"{done_shards}/{total if total is not None else '?'} shards"
-        if store.is_done(folder):
+        if node.done:
             detail = "done"
             with contextlib.suppress(store.StoreError, OSError):
                 m = store.read_json(folder / store.MANIFEST)
@@ -128,7 +117,7 @@ def stage_status(cfg: CptConfig) -> list[StageStatus]:
                     )
                 )
         elif entry:
-            where = "Slurm does not know it" if slurm.have_slurm() else "no Slurm here to ask"
+            where = "Slurm does not know it" if jobs.have_slurm() else "no Slurm here to ask"
             out.append(
                 StageStatus(
                     name,
@@ -143,16 +132,13 @@ def stage_status(cfg: CptConfig) -> list[StageStatus]:
             out.append(StageStatus(name, "partial", shards, folder))
         else:
             out.append(StageStatus(name, "not started", "", folder))
-    for name, why in broken.items():
-        out.append(StageStatus(name, "unknown", f"cannot compute its folder ({why})", Path("?")))
-    order = pipeline_order()
-    return sorted(out, key=lambda r: order.index(r.stage))
+    return out
 
 
-def print_status(cfg: CptConfig) -> None:
-    root = Path(cfg.run_dir).absolute()
+def print_status(plan: RunPlan) -> None:
+    root = plan.run_dir
     lines = [f"run_dir: {root}"]
-    for r in stage_status(cfg):
+    for r in stage_status(plan):
         rel = r.folder.relative_to(root) if r.folder.is_relative_to(root) else r.folder
         lines.append(f"{r.stage:<12}{r.state:<12}{r.detail + '  ' if r.detail else ''}[{rel}]")
         if r.note:

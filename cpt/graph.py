@@ -1,0 +1,214 @@
+"""The stage graph as data: what a stage is (`StageSpec`), what it gets (`StageContext`),
+and the plan of one launch (`RunPlan`), resolved once by `resolve`.
+
+Each stage is a pure function of (its parameters, its inputs) -> an output folder keyed
+by a hash of both. So a sweep over students reuses one data generation, a finished stage
+is skipped, and two configs that differ only in a student share every data stage.
+
+`resolve` computes every node's key, folder, done-state and job resources exactly once
+per launch; the local runner (`cpt.pipeline`), the Slurm submitter (`cpt.slurm`),
+`plan=true` and `stage=status` all read that one plan. This module sits at the bottom:
+it imports only `cpt.store` (the config is a type here, never imported at run time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cpt import store
+
+if TYPE_CHECKING:
+    from cpt.config import CptConfig
+
+# Stages whose work never spans nodes through Ray (training uses torch.distributed instead).
+_NOT_RAY_MULTINODE = frozenset({"train"})
+
+
+@dataclass
+class StageContext:
+    """What a stage's `run` gets: the config, its output folder and its input folders."""
+
+    cfg: CptConfig
+    name: str
+    key: str
+    out_dir: Path
+    inputs: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A node of the graph.
+
+    params: the values (besides the inputs' keys) that determine the output; hashed.
+    run: does the work, writes shards under ctx.out_dir, returns stats for the manifest.
+    plan: the work a run would do, for `plan=true` (e.g. {"rows<=": 42, "shards<=": 2}).
+    per_student: the output depends on the student (one folder per student, labelled).
+    gpu: the stage needs the cluster profile's GPUs when submitted as a job.
+    version: bump when the stage's logic changes, so old outputs are not reused.
+    always_run: a cheap view of other stages (report): one folder, re-rendered every run.
+    """
+
+    name: str
+    needs: tuple[str, ...]
+    params: Callable[[CptConfig], Any]
+    run: Callable[[StageContext], dict[str, Any]]
+    plan: Callable[[CptConfig], dict[str, Any]] = lambda cfg: {}
+    per_student: bool = False
+    gpu: bool = False
+    version: int = 1
+    always_run: bool = False
+
+
+@dataclass(frozen=True)
+class JobResources:
+    """What one stage job asks Slurm for (from the cluster profile and `StageSpec.gpu`)."""
+
+    nodes: int
+    gpus_per_node: int
+    cpus_per_task: int
+    mem_gb: int
+    time_min: int
+    partition: str | None
+
+    @property
+    def gpu_hours(self) -> float:
+        """Upper bound: every GPU held for the whole time limit."""
+        return self.nodes * self.gpus_per_node * self.time_min / 60
+
+    def describe(self) -> str:
+        nodes = f"{self.nodes} nodes, " if self.nodes > 1 else ""
+        return (
+            f"{nodes}{self.gpus_per_node} GPU, {self.cpus_per_task} CPU, "
+            f"{self.mem_gb} GB, {self.time_min} min"
+        )
+
+
+def stage_resources(cfg: CptConfig, spec: StageSpec) -> JobResources:
+    """GPU stages get the profile's GPUs (and CPUs per GPU); CPU-only stages get none."""
+    c = cfg.cluster
+    if spec.gpu:
+        gpus = c.gpus_per_node
+        multi = (
+            c.nodes > 1 and spec.name not in _NOT_RAY_MULTINODE and cfg.parallel.backend == "ray"
+        )
+        return JobResources(
+            nodes=c.nodes if multi else 1,
+            gpus_per_node=gpus,
+            cpus_per_task=c.cpus_per_task * max(1, gpus),
+            mem_gb=c.mem_gb,
+            time_min=c.time_min,
+            partition=c.partition,
+        )
+    return JobResources(
+        nodes=1,
+        gpus_per_node=0,
+        cpus_per_task=c.cpus_per_task,
+        mem_gb=c.cpu_mem_gb or c.mem_gb,
+        time_min=c.time_min,
+        partition=c.cpu_partition or c.partition,
+    )
+
+
+@dataclass(frozen=True)
+class Node:
+    """One stage of one launch, resolved: its key, folder, inputs, resources, done-state.
+
+    `done` is read once, when the plan is resolved; runners re-check only under the
+    stage's lock (another launch may have finished it meanwhile).
+    """
+
+    name: str
+    spec: StageSpec
+    key: str
+    folder: Path
+    needs: tuple[str, ...]
+    resources: JobResources
+    done: bool
+
+    @property
+    def always_run(self) -> bool:
+        return self.spec.always_run
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Every stage of the pipeline for one config, in pipeline order, and the selection."""
+
+    cfg: CptConfig
+    run_dir: Path
+    nodes: dict[str, Node]
+    selected: tuple[str, ...]
+
+    def __getitem__(self, name: str) -> Node:
+        return self.nodes[name]
+
+    def selected_nodes(self) -> list[Node]:
+        return [self.nodes[n] for n in self.selected]
+
+
+def stage_key(spec: StageSpec, params: Any, input_keys: Mapping[str, str]) -> str:
+    """The content hash naming a stage's output folder: its version, params, inputs' keys."""
+    return store.content_hash(
+        {
+            "stage": spec.name,
+            "version": spec.version,
+            "params": params,
+            "inputs": {dep: input_keys[dep] for dep in spec.needs},
+        }
+    )
+
+
+def _select(cfg: CptConfig, nodes: dict[str, Node]) -> tuple[str, ...]:
+    """The stage named by `stage=`, with its unfinished inputs; all stages by default."""
+    name = getattr(cfg.stage, "value", cfg.stage)
+    if name is None or name not in nodes:
+        return tuple(nodes)
+    if nodes[name].always_run:
+        return (name,)
+    wanted, frontier = {name}, [name]
+    while frontier:
+        for dep in nodes[frontier.pop()].needs:
+            if dep not in wanted and not nodes[dep].done:
+                wanted.add(dep)
+                frontier.append(dep)
+    return tuple(s for s in nodes if s in wanted)
+
+
+def resolve(cfg: CptConfig, specs: Mapping[str, StageSpec]) -> RunPlan:
+    """The plan of one launch: each node's key, folder and done-state computed once.
+
+    `specs` lists every stage in pipeline order (inputs before their users).
+    """
+    run_dir = Path(cfg.run_dir).absolute()
+    root = store.Store(run_dir)
+    nodes: dict[str, Node] = {}
+    for name, spec in specs.items():
+        missing = [d for d in spec.needs if d not in nodes]
+        if missing:
+            raise ValueError(f"stage {name}: inputs {missing} must come before it in the registry")
+        key = stage_key(spec, spec.params(cfg), {d: nodes[d].key for d in spec.needs})
+        if spec.always_run:
+            folder = run_dir / name
+        else:
+            label = cfg.student.name if spec.per_student else ""
+            folder = root.stage_dir(name, key, label)
+        nodes[name] = Node(
+            name=name,
+            spec=spec,
+            key=key,
+            folder=folder,
+            needs=spec.needs,
+            resources=stage_resources(cfg, spec),
+            done=store.is_done(folder),
+        )
+    return RunPlan(cfg=cfg, run_dir=run_dir, nodes=nodes, selected=_select(cfg, nodes))
+
+
+def format_work(info: Mapping[str, Any]) -> str:
+    """A stage's `StageSpec.plan` as text: `rows<=42, shards<=2, filter=False`."""
+    return ", ".join(
+        f"{k}{v}" if str(k).endswith(("<=", ">=")) else f"{k}={v}" for k, v in info.items()
+    )
