@@ -17,6 +17,7 @@ from cpt.config import CptConfig
 from cpt.generation import GenerateFactory, JudgeFactory, run_rows
 from cpt.graph import StageContext, StageSpec
 from cpt.judge import condition_parts, judge_grid
+from cpt.parallel import n_shards
 from cpt.prompts import (
     conditions,
     load_selected_rubrics,
@@ -160,7 +161,12 @@ def agreement_rows(cfg: CptConfig, judge_rows: list[dict]) -> list[dict]:
 
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
-    return {"samples": cfg.evaluate.samples, "student": cfg.student.name}
+    info: dict[str, Any] = {"samples": cfg.evaluate.samples, "student": cfg.student.name}
+    if cfg.tasks.num_tasks:  # responses of base and tuned student over (at most) every task
+        models = 1 + int(cfg.evaluate.baseline)
+        n = len(conditions(cfg)) * cfg.evaluate.samples * models * cfg.tasks.num_tasks
+        info["shards<="] = n_shards(n, cfg.evaluate.shard_size)
+    return info
 
 
 SPEC = StageSpec(
@@ -170,5 +176,5 @@ SPEC = StageSpec(
     run,
     plan,
     per_student=True,
-    gpu=True,
+    runs=("student", "judge"),  # one after the other: the job is sized for the larger
 )
