@@ -196,6 +196,7 @@ def test_pipeline_on_two_fake_gpus_every_model_asking_for_one(tmp_path, head):
         "judge.gpus=1",
         "student.gpus=1",
         "engine.replicas=0",  # as many replicas as the GPUs allow: 2
+        "generate.shard_size=8",  # 28 rows: 4 shards, enough for both replicas
         f"run_dir={run_dir}",
         "tasks.num_tasks=4",
         "tasks.test_fraction=0.25",
