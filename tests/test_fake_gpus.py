@@ -206,4 +206,4 @@ def test_pipeline_on_two_fake_gpus_every_model_asking_for_one(tmp_path, head):
         timeout=900,
     )
     assert (run_dir / "report" / "report.md").is_file(), proc.stderr[-3000:]
-    assert "2 replica(s), 1 GPU" in proc.stderr  # generate used both fake GPUs
+    assert "generate: 2 replica(s), 1 GPU" in proc.stdout + proc.stderr  # both fake GPUs
