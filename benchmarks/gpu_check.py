@@ -130,6 +130,17 @@ def preflight() -> str:
     return torch.cuda.get_device_name(0)
 
 
+def kept_section(path: Path) -> str:
+    """The GPU check section of RESULTS.md ("" if none): the CPU benchmarks rewrite the
+    file and carry it over, since it can only be measured on a GPU machine."""
+    old = path.read_text() if path.exists() else ""
+    start = old.find(SECTION)
+    if start < 0:
+        return ""
+    end = old.find("\n## ", start + len(SECTION))
+    return old[start : end if end >= 0 else len(old)].rstrip("\n") + "\n"
+
+
 def write_results(path: Path, text: str) -> None:
     """Replace (or append) the GPU check section of RESULTS.md."""
     old = path.read_text() if path.exists() else ""
