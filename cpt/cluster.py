@@ -164,7 +164,8 @@ def ray_cluster(
     with `ray start --head --block`; with more nodes, `srun --nodes=N-1 --ntasks-per-node=1
     ray start --address=... --block` starts one worker per other node. At exit both are
     sent SIGTERM (which makes `ray start --block` stop what it started) rather than running
-    `ray stop`, which would also kill other jobs' Ray on a shared node.
+    `ray stop`, which would also kill other jobs' Ray on a shared node. The cluster uses
+    Ray's token authentication unless RAY_AUTH_MODE is set (`_auth_env`).
     """
     nodes = _job_hostnames()
     n_nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", len(nodes)) or 1)
@@ -181,9 +182,10 @@ def ray_cluster(
         num_gpus = len([d for d in visible.split(",") if d.strip()]) if visible else 0
     tag = os.environ.get("SLURM_JOB_ID") or str(os.getpid())
     temp_dir = f"/tmp/ray-cpt-{tag}"
+    auth = _auth_env()
     env = {
         **os.environ,
-        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+        **auth,
         # the whole cluster goes at once: no point draining a node (up to 30 s) on SIGTERM
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": os.environ.get(
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0"
@@ -204,7 +206,9 @@ def ray_cluster(
     log.info("ray head on %s: %s", head, " ".join(head_cmd))
     head_proc = subprocess.Popen(head_cmd, env=env, start_new_session=True)
     workers: subprocess.Popen | None = None
-    saved = os.environ.get("RAY_ADDRESS")
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", *auth)}
+    os.environ.update(auth)  # this process (the driver) joins with the same token
+    _refresh_ray_config()
     try:
         deadline = time.time() + timeout_s
         _wait_port(ip, port, deadline, head_proc)
@@ -240,8 +244,31 @@ def ray_cluster(
                 ray.shutdown()
         _stop(workers)
         _stop(head_proc)
-        if saved is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         log.info("ray cluster at %s stopped", address)
+
+
+def _refresh_ray_config() -> None:
+    """Ray reads RAY_AUTH_MODE when it is imported; one imported before the token was set
+    re-reads it (what Ray itself does when it turns token auth on)."""
+    if "ray" in sys.modules:
+        with contextlib.suppress(Exception):
+            from ray._raylet import Config
+
+            Config.initialize("")
+
+
+def _auth_env() -> dict[str, str]:
+    """Ray's token authentication with a fresh random token (from `secrets`, passed through
+    the environment to the head, the srun workers and this driver; written nowhere), unless
+    RAY_AUTH_MODE is set: without it, anyone who reaches the head's port runs code as you."""
+    import secrets
+
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode:
+        return {"RAY_AUTH_MODE": mode}
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}

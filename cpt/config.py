@@ -289,14 +289,19 @@ class ParallelConfig:
     address (`str`): Ray address; empty starts a local Ray, `auto` joins the running cluster.
     num_cpus (`int`): CPUs a local Ray may use; 0 = all.
     log_every_s (`float`): seconds between progress log lines when not on a terminal.
+    part_rows (`int`): rows per part-file inside a shard; a killed shard keeps its finished
+        parts and its re-run recomputes only the rest. 0 = the hf engine's batch_size, and
+        the whole shard for vllm/openai (whose throughput wants one big call per shard).
     """
 
     backend: str = "ray"
     address: str = ""
     num_cpus: int = 0
     log_every_s: float = 30.0
+    part_rows: int = 0
 
     def __post_init__(self) -> None:
+        check(self.part_rows >= 0, "parallel.part_rows", f"must be >= 0, got {self.part_rows}")
         check(
             self.backend in ("ray", "inline"),
             "parallel.backend",
@@ -320,6 +325,9 @@ class ClusterConfig:
     constraint (`str`): sbatch --constraint of GPU stage jobs (a GPU-node feature).
     signal_delay_s (`int`): USR2 this long before the time limit: checkpoint and requeue.
     max_requeue (`int`): time-outs a stage job may requeue itself after (preemptions are free).
+    checkpoint_every_min (`float`): training also saves a checkpoint when this many minutes
+        passed since the last one (besides every train.save_steps), so a job killed with no
+        signal at all (a lost node, a site that sends none) loses at most that much; 0 = off.
     nodes (`int`): nodes of a GPU data-stage job; > 1 starts a Ray cluster across them.
     cpu_partition (`str`): partition of CPU-only stage jobs (unset = partition).
     cpu_mem_gb (`int`): memory of CPU-only stage jobs (0 = mem_gb).
@@ -341,6 +349,7 @@ class ClusterConfig:
     constraint: str | None = None
     signal_delay_s: int = 120
     max_requeue: int = 3
+    checkpoint_every_min: float = 30.0
     nodes: int = 1
     cpu_partition: str | None = None
     cpu_mem_gb: int = 0
@@ -350,6 +359,7 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         for key, low in [
             *[(k, 0) for k in ("gpus_per_node", "cpu_mem_gb", "max_requeue", "signal_delay_s")],
+            ("checkpoint_every_min", 0),
             *[(k, 1) for k in ("cpus_per_task", "mem_gb", "time_min", "nodes")],
         ]:
             value = getattr(self, key)
@@ -677,6 +687,9 @@ class CptConfig:
     plan: bool = False
     wait: bool = False  # non-local cluster: block until the submitted jobs end; fail if one fails
     seed: int = 0
+    # environment variables whose values are secrets: redacted wherever they would be written
+    # (manifests, ledgers, Hydra's saved configs), on top of cpt.redact.DEFAULT_SECRETS_ENV
+    secrets_env: list[str] = field(default_factory=list)
     teacher: ModelConfig = MISSING
     judge: ModelConfig = MISSING
     student: ModelConfig = MISSING
@@ -711,9 +724,15 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def to_config(cfg: DictConfig | CptConfig) -> CptConfig:
-    """Composed OmegaConf node -> dataclasses (runs every __post_init__ check)."""
+    """Composed OmegaConf node -> dataclasses (runs every __post_init__ check); a key the
+    schema does not have is a ConfigError naming the closest valid key."""
     if not isinstance(cfg, DictConfig):
         return cfg
+    from cpt.config_keys import composed_problems
+
+    unknown = composed_problems(CptConfig, OmegaConf.to_container(cfg, resolve=False))
+    if unknown:  # Hydra lets `+key=...` add keys the schema does not have
+        raise ConfigError("; ".join(unknown))
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
@@ -728,9 +747,15 @@ def _looks_local(path: str) -> bool:
 
 def validate(cfg: CptConfig) -> list[str]:
     """Checks that need the file system; returns every problem (empty list: all good)."""
+    from cpt.store import StoreError, check_name
+
     problems = []
     for role in ("teacher", "judge", "student"):
         m: ModelConfig = getattr(cfg, role)
+        try:
+            check_name(m.name, f"{role}.name")  # it names folders under run_dir
+        except StoreError as exc:
+            problems.append(str(exc))
         if m.is_builtin:
             from cpt.models.tiny import VARIANTS
 

@@ -95,7 +95,12 @@ class JudgeFactory:
         engine = build_engine(self.model, self.engine)
 
         def work(rows: list[Row]) -> list[Row]:
-            items = [JudgeItem(r["id"], tuple(json.loads(r["messages"])), r["seed"]) for r in rows]
+            items = [
+                JudgeItem(
+                    r["id"], tuple(json.loads(r["messages"])), r["seed"], r.get("not_judged") or ""
+                )
+                for r in rows
+            ]
             verdicts, completions = judge_all(
                 engine, items, sampling_of(self.model, 0), self.repair_template, self.max_attempts
             )
@@ -112,7 +117,7 @@ class JudgeFactory:
                     "error": v.error,
                     "attempts": v.attempts,
                     "raw": v.raw,
-                    "completion_tokens": tokens[r["id"]],
+                    "completion_tokens": tokens.get(r["id"], 0),
                 }
                 for r, v in zip(rows, verdicts)
             ]
@@ -131,7 +136,12 @@ def run_rows(
     label: str,
     should_stop=None,
 ) -> RunStats:
-    """`run_sharded` with the replica count and resources taken from the configs."""
+    """`run_sharded` with the replica count, resources and part size taken from the configs."""
+    from cpt.config import EngineKind
+
+    part_rows = parallel.part_rows
+    if not part_rows and (model.engine or engine.kind) in (EngineKind.hf, "hf"):
+        part_rows = engine.batch_size  # the engine runs calls of batch_size anyway
     return run_sharded(
         rows,
         out_dir,
@@ -145,4 +155,5 @@ def run_rows(
         log_every_s=parallel.log_every_s,
         label=label,
         should_stop=should_stop,
+        part_rows=part_rows,
     )

@@ -9,6 +9,12 @@ checksum are intact and redoes the rest, so a killed run finishes with exactly-o
 
 A worker is any callable `rows -> output rows` built by a picklable factory, so the
 runner knows nothing about engines or stages.
+
+Inside a shard, progress is kept too: with `part_rows`, the worker gets the shard's rows in
+parts of that many rows and each finished part is written at once (atomically) as a
+part-file under `shards/.parts-<shard>/`. A shard killed half-way (SIGKILL, preemption, a
+node lost) keeps its finished parts; its re-run recomputes only the rest (counted as
+`rows_reused`), then writes the shard and drops the part-files.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ import logging
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from cpt import store
 
@@ -37,6 +46,12 @@ Worker = Callable[[list[Row]], list[Row]]
 WorkerFactory = Callable[[], Worker]
 
 MAX_SHARD_ATTEMPTS = 3  # a shard whose worker died is retried on another replica
+WAIT_S = 5.0  # how often the driver checks that the Ray head still answers
+HEAD_LOST_S = 20.0  # then it stops, before Ray's own 60 s limit ends it without a word
+
+
+class RaySessionLost(store.StoreError):
+    """The Ray cluster (its head) went away under a running stage."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,7 @@ class RunStats:
     tokens: int
     failures: int
     retried_shards: int
+    rows_reused: int = 0  # rows of interrupted shards kept from their part-files
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -82,22 +98,70 @@ def _valid_text(value: Any) -> Any:
     return value
 
 
+def _table(rows: list[Row]) -> pa.Table:
+    rows = [{k: _valid_text(v) for k, v in r.items()} for r in rows]
+    return pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string())})
+
+
 def write_rows(out_dir: Path, index: int, rows: list[Row], stats: dict[str, Any]) -> dict:
     """One shard from output rows (the first key of each row must be `id`)."""
-    rows = [{k: _valid_text(v) for k, v in r.items()} for r in rows]
-    table = pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string())})
     stats = {
         **stats,
         "tokens": sum(int(r.get("completion_tokens", 0) or 0) for r in rows),
         "failures": sum(1 for r in rows if r.get("ok") is False),
     }
-    return store.write_shard(out_dir, index, table, stats)
+    return store.write_shard(out_dir, index, _table(rows), stats)
 
 
-def process_shard(worker: Worker, out_dir: Path, index: int, rows: list[Row]) -> dict:
+def parts_dir(out_dir: Path, index: int) -> Path:
+    """Where the finished parts of unfinished shard `index` wait."""
+    return Path(out_dir) / "shards" / f".parts-{index:05d}"
+
+
+def _read_part(path: Path, ids: list[str]) -> list[Row] | None:
+    """The rows of a finished part whose input ids are `ids`, or None (redo it)."""
+    if not path.exists():
+        return None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception:  # cut short on a full disk, or not ours: redo the part
+        rows = None
+    if rows is None or [r.get("id") for r in rows] != ids:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return None
+    return rows
+
+
+def process_shard(
+    worker: Worker,
+    out_dir: Path,
+    index: int,
+    rows: list[Row],
+    part_rows: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict | None:
+    """Run one shard and write it; with `part_rows`, part by part (see the module
+    docstring). None if `should_stop()` turned true between parts (the parts are kept)."""
     started = time.time()
-    out = worker(rows)
-    return write_rows(
+    size = part_rows if 0 < part_rows < len(rows) else len(rows)
+    pdir = parts_dir(out_dir, index)
+    out: list[Row] = []
+    reused = 0
+    for k, start in enumerate(range(0, len(rows), size or 1)):
+        batch = rows[start : start + size]
+        path = pdir / f"b-{k:05d}.parquet"
+        kept = _read_part(path, [r["id"] for r in batch]) if size < len(rows) else None
+        if kept is not None:
+            reused += len(kept)
+        else:
+            if out and should_stop and should_stop():
+                return None
+            kept = worker(batch)
+            if size < len(rows):
+                store.atomic_write_parquet(path, _table(kept))
+        out += kept
+    receipt = write_rows(
         out_dir,
         index,
         out,
@@ -105,8 +169,11 @@ def process_shard(worker: Worker, out_dir: Path, index: int, rows: list[Row]) ->
             "seconds": round(time.time() - started, 3),
             "host": os.uname().nodename,
             "pid": os.getpid(),
+            "rows_reused": reused,
         },
     )
+    shutil.rmtree(pdir, ignore_errors=True)
+    return receipt
 
 
 class _Progress:
@@ -154,8 +221,10 @@ def run_sharded(
     log_every_s: float = 30.0,
     label: str = "",
     should_stop: Callable[[], bool] | None = None,
+    part_rows: int = 0,
 ) -> RunStats:
-    """Process `rows` in shards under `out_dir/shards`, skipping shards already finished.
+    """Process `rows` in shards under `out_dir/shards`, skipping shards already finished;
+    `part_rows` > 0 keeps the finished parts of interrupted shards (module docstring).
 
     Returns the stats of all shards (finished before and now). Raises StoreError if
     `should_stop()` became true before every shard was finished (e.g. preemption): the
@@ -184,14 +253,20 @@ def run_sharded(
                     for i in todo:
                         if should_stop and should_stop():
                             break
-                        done[i] = process_shard(worker, out_dir, i, payload[i])
-                        progress.update(done[i])
+                        receipt = process_shard(
+                            worker, out_dir, i, payload[i], part_rows, should_stop
+                        )
+                        if receipt is None:  # stopped between two parts
+                            break
+                        done[i] = receipt
+                        progress.update(receipt)
                 finally:  # the next stage may need the GPU memory this engine holds
                     close_worker(worker)
             else:
                 retried = _run_ray(
                     payload,
                     out_dir,
+                    part_rows,
                     factory,
                     replicas,
                     resources,
@@ -210,6 +285,9 @@ def run_sharded(
             "unfinished; re-run to continue from the finished ones"
         )
     receipts = list(done.values())
+    reused = sum(r.get("rows_reused", 0) for i, r in done.items() if i in todo)
+    if reused:
+        log.info("%s: %d rows of interrupted shards kept, not recomputed", label, reused)
     return RunStats(
         n_shards=len(shards),
         shards_skipped=len(shards) - len(todo),
@@ -218,6 +296,7 @@ def run_sharded(
         tokens=sum(r.get("tokens", 0) for r in receipts),
         failures=sum(r.get("failures", 0) for r in receipts),
         retried_shards=retried,
+        rows_reused=reused,
     )
 
 
@@ -296,8 +375,8 @@ def _make_actor_class():
         def __init__(self, factory: WorkerFactory):
             self.worker = factory()
 
-        def run(self, out_dir: str, index: int, rows: list[Row]) -> dict:
-            return process_shard(self.worker, Path(out_dir), index, rows)
+        def run(self, out_dir: str, index: int, rows: list[Row], part_rows: int) -> dict | None:
+            return process_shard(self.worker, Path(out_dir), index, rows, part_rows)
 
         def close(self) -> None:
             close_worker(self.worker)
@@ -446,6 +525,7 @@ def replica_count(requested: int, resources: Resources, n_shards: int, address: 
 def _run_ray(
     payload: dict[int, list[Row]],
     out_dir: Path,
+    part_rows: int,
     factory: WorkerFactory,
     replicas: int,
     resources: Resources,
@@ -472,8 +552,9 @@ def _run_ray(
         if queue and not (should_stop and should_stop()):
             i = queue.pop(0)
             attempts[i] += 1
-            in_flight[actor.run.remote(str(out_dir), i, payload[i])] = (actor, i)
+            in_flight[actor.run.remote(str(out_dir), i, payload[i], part_rows)] = (actor, i)
 
+    watch = HeadWatch(ray.get_runtime_context().gcs_address, str(out_dir), done)
     try:
         n = replica_count(replicas, resources, len(payload), address)
         log.info(
@@ -482,7 +563,12 @@ def _run_ray(
         for actor in pool.start(n):
             dispatch(actor)
         while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=WAIT_S)
+            if watch.lost.is_set():
+                watch.noticed.set()
+                raise RaySessionLost(watch.message())
+            if not ready:
+                continue
             actor, i = in_flight.pop(ready[0])
             try:
                 done[i] = ray.get(ready[0])
@@ -508,8 +594,58 @@ def _run_ray(
                 dispatch(pool.replace(actor))
         finished = True
     finally:
-        pool.close(graceful=finished)
+        watch.stop.set()
+        if watch.lost.is_set():  # nobody to talk to: leave without Ray's own time-out
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+        else:  # actors and their placement groups go: the next stage finds the GPUs free
+            pool.close(graceful=finished)
     return retried
+
+
+class HeadWatch(threading.Thread):
+    """Watches the Ray head (GCS) while shards run. Ray ends a driver whose head is gone
+    after 60 s without a word, so once the head has not answered for `HEAD_LOST_S`, the
+    driver's loop raises `RaySessionLost`; if the loop is stuck inside Ray (e.g. creating a
+    replacement actor), this thread prints the same one line and ends the process (exit 1).
+    Finished shards and part-files are on disk either way."""
+
+    def __init__(self, gcs: str, out_dir: str, done: dict[int, dict]) -> None:
+        super().__init__(name="cpt-ray-head-watch", daemon=True)
+        self.gcs, self.out_dir, self.done = gcs, out_dir, done
+        self.lost, self.noticed, self.stop = threading.Event(), threading.Event(), threading.Event()
+        self.start()
+
+    def message(self) -> str:
+        return (
+            f"{self.out_dir}: the Ray session at {self.gcs} died (its head has not answered "
+            f"for {HEAD_LOST_S:.0f} s); {len(self.done)} finished shards are kept, re-run to "
+            "continue"
+        )
+
+    def run(self) -> None:
+        silent_since = None
+        while not self.stop.wait(WAIT_S / 5):
+            if _answers(self.gcs):
+                silent_since = None
+                continue
+            silent_since = silent_since or time.monotonic()
+            if time.monotonic() - silent_since >= HEAD_LOST_S:
+                self.lost.set()
+                if not (self.noticed.wait(2 * WAIT_S) or self.stop.is_set()):
+                    print(f"cpt: error: {self.message()}", file=sys.stderr, flush=True)
+                    os._exit(1)
+                return
+
+
+def _answers(address: str) -> bool:
+    """Whether the Ray head (GCS) at `host:port` accepts a connection."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def n_shards(n_rows: int, shard_size: int) -> int:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from cpt.config import CptConfig, LevelConfig, LevelsConfig, PromptsConfig, resolve_path
 from cpt.rubric import Rubric, load_rubrics
-from cpt.store import content_hash
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
@@ -211,11 +210,6 @@ def judge_messages(
         nonce=nonce,
     )
     return [{"role": "system", "content": prompts.judge_system}, {"role": "user", "content": text}]
-
-
-def judge_nonce(row_id: str, rubric: str) -> str:
-    """A per-judgement tag for the delimiters that a response cannot know in advance."""
-    return content_hash(["judge-delimiter", row_id, rubric], 10).upper()
 
 
 def student_messages(prompts: PromptsConfig, system_prompt: str, task: str) -> list[dict[str, str]]:

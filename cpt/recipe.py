@@ -1,6 +1,7 @@
 """The training recipe as TRL / PEFT / transformers objects: `DPOConfig`, `LoraConfig`, the
 base model (bitsandbytes 4/8-bit, DeepSpeed ZeRO-3 aware) and saving the adapter. One
-mapping, used by `cpt.train` and by the training benchmark.
+mapping, used by `cpt.train` and by the training benchmark; plus the wall-clock checkpoint
+callback (`wall_clock_checkpoints`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +165,23 @@ def save_adapter(trainer, tokenizer, dest: Path) -> None:
             tokenizer.save_pretrained(str(tmp))
     if trainer.is_world_process_zero():
         replace_dir(tmp, dest)
+
+
+def wall_clock_checkpoints(every_min: float):
+    """A `TrainerCallback` that also saves a checkpoint once `every_min` minutes passed since
+    the last save (0: never): a run killed without any signal loses at most that much."""
+    from transformers import TrainerCallback
+
+    class WallClockCheckpoint(TrainerCallback):
+        def __init__(self) -> None:
+            self.last = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if every_min > 0 and time.monotonic() - self.last >= every_min * 60:
+                control.should_save = True
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last = time.monotonic()
+
+    return WallClockCheckpoint()

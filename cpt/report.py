@@ -49,7 +49,12 @@ LABELS = {"accuracy": "Acc", "kendall_tau": "Kendall τ", "spearman_rho": "Spear
 
 
 def judged_frame(rows: pd.DataFrame) -> pd.DataFrame:
-    """Evaluation judgements -> the frame `cpt.metrics` expects (one row per rubric part)."""
+    """Evaluation judgements -> the frame `cpt.metrics` expects (one row per rubric part).
+
+    Rows of failed student generations are left out: they were never judged, so they are
+    neither a score nor a judge failure (`generation_failures` counts them)."""
+    if "generation_ok" in rows:
+        rows = rows[rows["generation_ok"].fillna(True).astype(bool)]
     return pd.DataFrame(
         {
             "student": rows["student"],
@@ -62,6 +67,16 @@ def judged_frame(rows: pd.DataFrame) -> pd.DataFrame:
             "sample_idx": rows["sample_idx"],
         }
     )
+
+
+def generation_failures(rows: pd.DataFrame) -> dict[str, int]:
+    """model -> student generations that failed (counted per response, not per rubric part)."""
+    if "generation_ok" not in rows or rows.empty:
+        return {}
+    failed = rows[~rows["generation_ok"].fillna(True).astype(bool)]
+    per_model = failed.drop_duplicates("gen_id").groupby("model").size()
+    models = sorted(rows["model"].unique())
+    return {m: int(per_model.get(m, 0)) for m in models}
 
 
 def fmt(x: float | None, digits: int = 2) -> str:

@@ -12,6 +12,14 @@ Layout of a run (``run_dir``)::
 
 Every write goes to a temporary name in the same folder, is fsynced, then renamed, so a
 killed process leaves either the old state or the new one, never half a file.
+
+File modes (one policy): results (shards, receipts, manifests, reports, locks) get the mode
+a plain `open()` would give under the user's umask, so a project that shares a run folder
+sets `umask 002` (or 007) and teammates in its group read (and resume) every result; the
+usual umask 022 gives 0644. Private: `<run_dir>/.slurm/` (submitit's job pickles, which a
+job unpickles and runs, and its logs) is 0700, see `private_dir`. Secrets never reach a
+file: manifests go through `redact` (by key name and by value), and so do Hydra's saved
+configs (`redact_file`).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -35,6 +44,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from cpt.redact import redact
 
 SHARD_PREFIX = "part-"
 DONE_MARKER = "_SUCCESS"
@@ -48,6 +59,15 @@ class StoreError(RuntimeError):
 
 class StageLocked(StoreError):
     """Another process is writing the same stage folder."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() gives: results are as shared as the user's umask
 
 
 # --------------------------------------------------------------------------- hashing
@@ -105,6 +125,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would hide results from the project group
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -256,9 +277,24 @@ def is_done(stage_dir: str | Path) -> bool:
 
 
 def mark_done(stage_dir: Path, manifest: Mapping[str, Any]) -> None:
-    """Write the manifest, then the done marker (last, so 'done' implies 'complete')."""
-    atomic_write_json(stage_dir / MANIFEST, manifest)
+    """Write the manifest (secrets redacted, including the values of the variables named by
+    its config's `secrets_env`), then the done marker (last, so 'done' implies 'complete')."""
+    names = (manifest.get("config") or {}).get("secrets_env") or ()
+    atomic_write_json(stage_dir / MANIFEST, redact(dict(manifest), names))
     atomic_write_text(stage_dir / DONE_MARKER, manifest.get("key", "") + "\n")
+
+
+def open_lock(path: Path) -> int:
+    """A lock file's descriptor, opened without following a symlink (a symlinked `.lock`
+    would make us truncate and write whatever file it points to)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(
+                f"{path} is a symlink; refusing to follow it (remove it and re-run)"
+            ) from None
+        raise
 
 
 @contextlib.contextmanager
@@ -266,12 +302,13 @@ def stage_lock(stage_dir: Path, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive POSIX lock on the stage folder (works on NFS; freed if we die)."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     path = stage_dir / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock(path)
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = Path(path).read_text(errors="replace").strip() or "unknown process"
+            os.lseek(fd, 0, os.SEEK_SET)
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown process"
             raise StageLocked(
                 f"{stage_dir} is being written by {holder}; wait for it to "
                 "finish (or kill it) before launching the same stage again"
@@ -283,6 +320,57 @@ def stage_lock(stage_dir: Path, wait: bool = False) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def secret_file(path: str | Path) -> bytes:
+    """A random 32-byte secret kept in `path`: drawn once with `secrets` (the first caller
+    wins, atomically), then read back, so a resumed stage uses the same one. Readable by the
+    owner and, per the umask, the group (who resume the run), never by others."""
+    import secrets
+
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, FILE_MODE & 0o660)
+            os.write(fd, secrets.token_bytes(32))
+            os.fsync(fd)
+            os.close(fd)
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)  # create-if-absent: a concurrent first caller may win
+        finally:
+            os.unlink(tmp)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        data = os.read(fd, 64)
+    finally:
+        os.close(fd)
+    if len(data) != 32:
+        raise StoreError(f"{path}: not a 32-byte secret; delete it and re-run the stage")
+    return data
+
+
+def private_dir(path: str | Path) -> Path:
+    """A folder only its owner can enter (0700), e.g. for job pickles that a job runs."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def check_name(name: str, what: str) -> str:
+    """`name` if it can be one folder name inside a run folder, else a StoreError naming
+    `what` (e.g. 'student.name'): no separators, no '..', no absolute paths."""
+    if not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise StoreError(
+            f"{what}: {name!r} is not a safe folder name (letters, digits and . _ + -, "
+            "starting with a letter or digit, no '..'); it would put files outside run_dir"
+        )
+    return name
+
+
 class Store:
     """A run folder: where each stage's content-keyed output folder lives."""
 
@@ -290,8 +378,9 @@ class Store:
         self.root = Path(root).absolute()
 
     def stage_dir(self, stage: str, key: str, label: str = "") -> Path:
+        """`<root>/<stage>/<label>-<key12>`; every part must be a safe folder name."""
         name = f"{label}-{key[:12]}" if label else key[:12]
-        return self.root / stage / name
+        return self.root / check_name(stage, "stage") / check_name(name, "stage folder label")
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -299,21 +388,16 @@ class Store:
 
 # ------------------------------------------------------------------------- provenance
 
-_SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password", "passwd")
 
+def redact_file(path: str | Path, secrets_env: tuple[str, ...] | list[str] = ()) -> None:
+    """Rewrite a YAML or JSON file (e.g. Hydra's `.hydra/config.yaml`) with `redact`."""
+    import yaml
 
-def redact(obj: Any) -> Any:
-    """Copy of a config with secret-looking values replaced (names ending in _env are kept)."""
-    if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            lk = str(k).lower()
-            secret = any(w in lk for w in _SECRET_WORDS) and not lk.endswith("_env")
-            out[k] = "<redacted>" if secret and v not in (None, "") else redact(v)
-        return out
-    if isinstance(obj, list | tuple):
-        return [redact(v) for v in obj]
-    return obj
+    path = Path(path)
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    clean = redact(doc, secrets_env)
+    if clean != doc:
+        atomic_write_text(path, yaml.safe_dump(clean, sort_keys=False, allow_unicode=True))
 
 
 _VERSION_PACKAGES = (

@@ -12,6 +12,12 @@
 # SLURM_CPUS_ON_NODE), RAY_NUM_GPUS (default: the GPUs Slurm gave this node),
 # RAY_START_TIMEOUT (seconds, default 180), RAY_BIN (default: `ray` on PATH).
 #
+# Authentication: unless RAY_AUTH_MODE is set, the cluster uses Ray's token authentication
+# (RAY_AUTH_MODE=token) with a fresh random RAY_AUTH_TOKEN, exported to this script's
+# processes and to the workers through srun's environment, and written nowhere: anyone on
+# the network who can reach the head's port can otherwise run code as you. Set
+# RAY_AUTH_MODE=disabled only on a trusted network (the CI does, on one node).
+#
 # The cluster is stopped by sending SIGTERM to the `ray start --block` processes this
 # script started, not with `ray stop`: `ray stop` kills every Ray process of the user on
 # the node, including other jobs' clusters on a shared node.
@@ -43,7 +49,13 @@ ray_cluster_start() {
   else
     num_gpus=0
   fi
-  export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+  if [ -z "${RAY_AUTH_MODE:-}" ]; then
+    export RAY_AUTH_MODE=token
+    RAY_AUTH_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(32))') || return 1
+    export RAY_AUTH_TOKEN
+  elif [ "$RAY_AUTH_MODE" = disabled ] && [ "$n_nodes" -gt 1 ]; then
+    _ray_log "warning: RAY_AUTH_MODE=disabled: the head accepts anyone who reaches $ip:$port"
+  fi
   # the whole cluster stops at once: no point draining a node (up to 30 s) on SIGTERM
   export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
   RAY_CLUSTER_TMP="/tmp/ray-cpt-${SLURM_JOB_ID:-$$}"

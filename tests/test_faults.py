@@ -100,6 +100,16 @@ def copy_stages(src_run: Path, dst_run: Path, stages: tuple[str, ...]) -> None:
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
 
 
+def share_judge_key(src_run: Path, dst_run: Path, stage: str) -> None:
+    """Judge prompts carry nonces derived from a secret drawn once per stage folder; the
+    killed run gets the straight run's secret, so their judgements can be compared."""
+    from cpt.judge import JUDGE_KEY
+
+    dst = folder(dst_run, stage) / JUDGE_KEY
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(folder(src_run, stage) / JUDGE_KEY, dst)
+
+
 def launch_killed(run: Path, stage: str, ready: Callable[[], bool], what: str) -> None:
     """Launch `stage`, SIGKILL it once `ready()` holds (mid-stage), and check it is unfinished."""
     proc = subprocess.Popen(
@@ -127,6 +137,7 @@ def straight(tmp_path_factory) -> Path:
 def test_sigkill_during_adherence_then_rerun_equals_uninterrupted(tmp_path, straight):
     copy_stages(straight, tmp_path, ("tasks", "generate"))  # judge the very same generations
     d = folder(tmp_path, "adherence")
+    share_judge_key(straight, tmp_path, "adherence")
     launch_killed(tmp_path, "adherence", lambda: receipts(d) >= 2, "two adherence shards")
     survivors = store.finished_shards(d, 6)
     assert 2 <= len(survivors) < 6
@@ -177,6 +188,7 @@ def test_sigkill_during_train_then_rerun_equals_uninterrupted(tmp_path, straight
 def test_sigkill_during_evaluate_then_rerun_equals_uninterrupted(tmp_path, straight):
     copy_stages(straight, tmp_path, (*DATA_STAGES, "train"))
     d = folder(tmp_path, "evaluate")
+    share_judge_key(straight, tmp_path, "evaluate")
     launch_killed(tmp_path, "evaluate", lambda: receipts(d / "responses") >= 2, "two responses")
     launch(f"run_dir={tmp_path}", "stage=evaluate", *RUN)
     resumed = store.read_table(d).to_pylist()

@@ -17,7 +17,9 @@ LEVELS = ["low", "moderate", "extremely_high"]
 CENTRE = {"low": 20, "moderate": 66, "extremely_high": 97}
 
 
-def fake_evaluation(run_dir, student: str, path: str, fail_every: int = 7) -> None:
+def fake_evaluation(
+    run_dir, student: str, path: str, fail_every: int = 7, gen_fail_every: int = 0
+) -> None:
     """An evaluate/ folder as the evaluate stage writes it (CPT near target, base noisy)."""
     rng = random.Random(0)
     rows, i = [], 0
@@ -27,7 +29,8 @@ def fake_evaluation(run_dir, student: str, path: str, fail_every: int = 7) -> No
                 for model in ("base", "cpt"):
                     for s in range(2):
                         i += 1
-                        ok = i % fail_every != 0
+                        gen_ok = not gen_fail_every or i % gen_fail_every != 0
+                        ok = i % fail_every != 0 and gen_ok
                         noise = 35 if model == "base" else 8
                         score = min(100, max(0, CENTRE[level] + rng.uniform(-noise, noise)))
                         rows.append(
@@ -48,6 +51,7 @@ def fake_evaluation(run_dir, student: str, path: str, fail_every: int = 7) -> No
                                 "ok": ok,
                                 "error": "" if ok else "not JSON",
                                 "attempts": 1,
+                                "generation_ok": gen_ok,
                             }
                         )
     d = run_dir / "evaluate" / f"{student}-abc"
@@ -130,3 +134,33 @@ def test_judge_agreement():
     assert (got["pairs"], got["compared"], got["failed_pairs"]) == (4, 3, 1)
     assert math.isclose(got["level_agreement"], 2 / 3)
     assert math.isclose(got["mean_abs_diff"], (20 + 45 + 4) / 3)
+
+
+def test_failed_generations_are_counted_per_model_and_never_scored():
+    import pandas as pd
+
+    from cpt.report import generation_failures, judged_frame
+
+    def row(i: int, model: str, gen_ok: bool, part: str = "humour") -> dict:
+        ok = gen_ok  # the judge refused failed generations: ok False, no score
+        return {"id": f"j{i}{part}", "gen_id": f"g{i}", "student": "s", "model": model,
+                "task_id": "t", "part_rubric": part, "part_level": "low", "sample_idx": 0,
+                "score": 10.0 if ok else None, "ok": ok, "generation_ok": gen_ok,
+                "not_judged": "" if gen_ok else "generation failed: not judged"}  # fmt: skip
+
+    rows = pd.DataFrame(
+        [row(1, "base", True), row(2, "base", False), row(2, "base", False, "concision"),
+         row(3, "cpt", True), row(4, "cpt", True)]
+    )  # fmt: skip
+    frame = judged_frame(rows)
+    assert len(frame) == 3 and frame["judge_ok"].all()  # not judge failures, not scores
+    assert generation_failures(rows) == {"base": 1, "cpt": 0}  # per response, per model
+
+
+def test_report_counts_generation_failures_apart_from_judge_failures(tmp_path):
+    fake_evaluation(tmp_path, "tiny", "builtin:tiny", fail_every=1000, gen_fail_every=9)
+    stats = render(compose(f"run_dir={tmp_path}", "report.n_boot=20"), tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert stats["generation_failures"]["tiny"] == {"base": 8, "cpt": 8}  # 144 rows, every 9th
+    assert stats["judge_failures"]["tiny"] == {"base": 0, "cpt": 0}  # not counted as judged
+    assert "## Generation failures" in md and "- tiny: base 8, cpt 8" in md

@@ -59,3 +59,18 @@ def test_resolve_builtin_paths(tiny_dir):
     assert set(VARIANTS) == {"tiny", "tiny_nosys"}
     with pytest.raises(ValueError, match="unknown tiny model"):
         tiny_model_dir("huge")
+
+
+def test_cache_is_keyed_by_the_library_versions(tmp_path, monkeypatch):
+    """A tiny model cached under one transformers version is not reused under another
+    (its config.json differs), so byte-identity checks hold across venvs."""
+    from cpt.models import tiny
+
+    monkeypatch.setattr(
+        tiny, "_build", lambda spec, out: (out / "model.safetensors").write_bytes(b"")
+    )
+    first = tiny_model_dir("tiny", tmp_path)
+    assert tiny_model_dir("tiny", tmp_path) == first  # same versions: the cache is reused
+    versions = {**tiny.library_versions(), "transformers": "0.0.1"}
+    monkeypatch.setattr(tiny, "library_versions", lambda: versions)
+    assert tiny_model_dir("tiny", tmp_path) != first

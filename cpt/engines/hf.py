@@ -26,6 +26,7 @@ from cpt.engines.base import (
     group_key,
     request_seed,
 )
+from cpt.engines.plaintext import chat_prompt_ids
 from cpt.engines.schema import compile_json_schema, schema_text
 from cpt.models.tiny import resolve_model_path
 
@@ -39,7 +40,8 @@ class HFEngine:
     """transformers `AutoModelForCausalLM` behind the `Engine` interface.
 
     - Prompts: the tokenizer's chat template on `fold_system(messages, model.system_role)`,
-      tokenized without extra special tokens (the template already has them).
+      tokenized without extra special tokens (the template already has them); message
+      contents are plain text, never control tokens (`cpt.engines.plaintext`).
     - Batching: requests with the same `group_key` (sampling except the seed, JSON schema,
       adapter) share batches of `engine.batch_size`, longest prompts first, left-padded.
     - Sampling: temperature 0 is greedy. Otherwise temperature and top-p shape the logits and
@@ -183,10 +185,7 @@ class HFEngine:
 
     def _prompt_ids(self, req: Request) -> list[int]:
         messages = fold_system(req.messages, self.model_cfg.system_role)
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return chat_prompt_ids(self.tokenizer, messages)  # contents stay plain text
 
     def _generate_batch(self, reqs: list[Request], prompts: list[list[int]]) -> list[Completion]:
         import torch

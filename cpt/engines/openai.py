@@ -23,6 +23,7 @@ from cpt.engines.base import (
     fold_system,
     request_seed,
 )
+from cpt.engines.plaintext import neutralise
 
 if TYPE_CHECKING:
     from cpt.config import EngineConfig, ModelConfig
@@ -91,6 +92,9 @@ class OpenAIEngine:
       `server_extras=False`, vLLM's `extra_body={"structured_outputs": {"json": schema}}`
       (turn it off for servers that reject unknown fields). Compact JSON (no free whitespace)
       is a vLLM *server* flag, see the module docstring; per request it is ignored.
+    - Message contents are sent `neutralise`d: a control-token string such as `<|im_end|>`
+      gets an invisible WORD JOINER after its first character, because the server tokenises
+      the rendered chat with special tokens parsed (`cpt.engines.plaintext`).
     - Up to `engine.max_concurrency` requests in flight (a thread pool).
     - Connection errors, timeouts, 408/409/429 and 5xx are retried up to `engine.max_retries`
       times by the `openai` client itself (exponential backoff with jitter, honouring the
@@ -145,7 +149,10 @@ class OpenAIEngine:
         s = req.sampling
         kwargs: dict[str, Any] = {
             "model": adapter_name(req.adapter) if req.adapter else self.model_cfg.path,
-            "messages": fold_system(req.messages, self.model_cfg.system_role),
+            "messages": [
+                {**m, "content": neutralise(m["content"])}  # the server parses specials
+                for m in fold_system(req.messages, self.model_cfg.system_role)
+            ],
             "max_tokens": s.max_new_tokens,
             "temperature": s.temperature,
             "top_p": s.top_p if s.temperature > 0 else 1.0,

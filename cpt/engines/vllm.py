@@ -24,6 +24,7 @@ from cpt.engines.base import (
     fold_system,
     request_seed,
 )
+from cpt.engines.plaintext import chat_prompt_ids
 from cpt.engines.schema import schema_text
 from cpt.models.tiny import resolve_model_path
 
@@ -42,6 +43,7 @@ class VLLMEngine:
       model.system_role)` here (not by `LLM.chat`), so the prompt length is known before
       submission: a prompt that does not fit `max_model_len` becomes an error completion
       instead of failing the whole call, and `max_tokens` is capped to the room left.
+      Message contents are plain text, never control tokens (`cpt.engines.plaintext`).
     - Sampling: `SamplingParams(max_tokens, temperature, top_p, seed=request_seed(req))`;
       per-request seeds make samples independent of batch composition.
     - JSON schema: `structured_outputs=StructuredOutputsParams(json=schema)` with the engine
@@ -229,10 +231,7 @@ class VLLMEngine:
 
     def _prompt_ids(self, req: Request) -> list[int]:
         messages = fold_system(req.messages, self.model_cfg.system_role)
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return chat_prompt_ids(self.tokenizer, messages)  # contents stay plain text
 
     def _params(self, req: Request, room: int) -> Any:
         from vllm import SamplingParams

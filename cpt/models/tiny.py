@@ -61,6 +61,18 @@ class TinySpec:
 VARIANTS = {"tiny": TinySpec(system_role=True), "tiny_nosys": TinySpec(system_role=False)}
 
 
+# the libraries whose versions shape the built files (config.json fields, tokenizer.json
+# layout, initial weights): a cache built under other versions is another folder
+SHAPING_LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors")
+
+
+def library_versions(names: tuple[str, ...] = SHAPING_LIBRARIES) -> dict[str, str]:
+    """Installed versions of `names` (part of every built-in model's cache key)."""
+    from importlib import metadata
+
+    return {name: metadata.version(name) for name in names}
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("CPT_CACHE_DIR", Path.home() / ".cache" / "cpt")) / "models"
 
@@ -71,7 +83,13 @@ def tiny_model_dir(variant: str = "tiny", cache_dir: str | Path | None = None) -
         raise ValueError(f"unknown tiny model {variant!r}; known: {', '.join(VARIANTS)}")
     spec = VARIANTS[variant]
     key = content_hash(
-        {"v": BUILDER_VERSION, "spec": asdict(spec), "corpus": file_sha256(CORPUS)}, 12
+        {
+            "v": BUILDER_VERSION,
+            "spec": asdict(spec),
+            "corpus": file_sha256(CORPUS),
+            "libs": library_versions(),
+        },
+        12,
     )
     root = Path(cache_dir) if cache_dir else cache_root()
     target = root / f"{variant}-{key}"

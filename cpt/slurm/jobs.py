@@ -125,15 +125,17 @@ def write_ledger(stage_dir: Path, entry: dict[str, Any]) -> None:
     history = list(prior.pop("history", []))
     if prior.get("job_id") and prior.get("job_id") != entry.get("job_id"):
         history.append(prior)
-    store.atomic_write_json(ledger_path(stage_dir), {**entry, "history": history})
+    entry = store.redact({**entry, "history": history})  # argv may carry a secret
+    store.atomic_write_json(ledger_path(stage_dir), entry)
 
 
 @contextlib.contextmanager
 def submission_lock(run_dir: Path) -> Iterator[None]:
-    """Serialise submissions to one run folder (several sweep drivers at once)."""
-    path = Path(run_dir) / SLURM_SUBDIR / "submit.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Serialise submissions to one run folder (several sweep drivers at once). The folder
+    holds the job pickles that jobs unpickle and run: private (0700); the lock file is never
+    followed through a symlink."""
+    path = store.private_dir(Path(run_dir) / SLURM_SUBDIR) / "submit.lock"
+    fd = store.open_lock(path)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX)  # blocks while another driver submits
         os.ftruncate(fd, 0)

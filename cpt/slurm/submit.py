@@ -13,11 +13,17 @@ drivers from submitting the same stage at once.
 
 Each job runs `StageJob`, a submitit `Checkpointable`: on USR2 (preemption, or
 `signal_delay_s` before the time limit) submitit pickles it and requeues the job; the new
-run calls `run_stage` again, which resumes (finished shards are skipped, training resumes
-from its last checkpoint). Models are never pickled, only the config.
+run calls `run_stage` again, which resumes (finished shards are skipped, finished parts of
+a shard are kept, training resumes from its last checkpoint). Sites that preempt with
+SIGTERM only get the same: a SIGTERM while the job is RUNNING saves and requeues it (a
+SIGTERM from `scancel`, job COMPLETING, just ends it). With no signal at all, what is lost
+is bounded by the part-files and `cluster.checkpoint_every_min`. Models are never
+pickled, only the config.
 
 Dependents of a failed job are cancelled by Slurm (`--kill-on-invalid-dep=yes`), never left
-pending. `wait=true` blocks until the jobs end and fails naming the stage and its log.
+pending. `wait=true` blocks until the jobs end and fails naming the stage and its log; it
+is refused inside a Slurm allocation, where the waiting driver would hold resources its own
+stage jobs may need (a deadlock on a small partition).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -134,6 +142,7 @@ class StageJob(submitit.helpers.Checkpointable):
     def __call__(self) -> str:
         os.environ[STAGE_JOB_ENV] = "1"
         _job_logging()
+        requeue_on_sigterm()
         self.attempts += 1
         log.info(
             "stage job %s (attempt %d, Slurm restart count %s): stage %s",
@@ -167,6 +176,36 @@ class StageJob(submitit.helpers.Checkpointable):
             "stage %s: signal received; requeueing (finished work is kept on disk)", self.stage
         )
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def requeue_on_sigterm() -> None:
+    """Make SIGTERM act as the USR2 submitit set up (save, requeue, exit) while the job is
+    RUNNING: some sites preempt with SIGTERM (then SIGKILL) and never send USR2. During a
+    `scancel` the job is COMPLETING already: then it just ends, as cancelled."""
+    usr = signal.getsignal(signal.SIGUSR2)
+    if not callable(usr):  # not inside a submitit job
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        state = _own_state()
+        if state != "RUNNING":
+            log.warning("SIGTERM with the job %s: cancelled, not requeued", state or "gone")
+            raise SystemExit(143)
+        log.warning("SIGTERM while RUNNING: preempted; saving and requeueing as for USR2")
+        usr(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def _own_state() -> str:
+    job = os.environ.get("SLURM_JOB_ID", "")
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else ""
 
 
 def _fit_local_ray(cfg: CptConfig) -> CptConfig:
@@ -255,6 +294,14 @@ def job_name(plan: RunPlan, name: str) -> str:
 
 def submit_pipeline(plan: RunPlan, run_stage: RunStage) -> list[Submitted]:
     """Submit the selected stages that are neither done nor in flight, chained by afterok."""
+    allocation = os.environ.get("SLURM_JOB_ID")
+    if plan.cfg.wait and allocation:
+        raise SlurmError(
+            f"wait=true inside Slurm job {allocation}: this driver would hold its allocation "
+            "while the stage jobs it submits wait for resources (a deadlock on a small "
+            "partition); drop wait=true (the jobs are chained with afterok; follow them with "
+            "stage=status), or launch the driver from a login node"
+        )
     if not have_slurm():
         raise SlurmError(
             f"cluster={plan.cfg.cluster.name} submits Slurm jobs, but sbatch/squeue are not on "

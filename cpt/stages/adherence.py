@@ -16,7 +16,7 @@ from cpt import store
 from cpt.config import CptConfig, JudgingConfig
 from cpt.generation import JudgeFactory, run_rows
 from cpt.graph import StageContext, StageSpec
-from cpt.judge import condition_parts, judge_grid
+from cpt.judge import JUDGE_KEY, condition_parts, judge_grid
 from cpt.parallel import n_shards
 from cpt.prompts import generation_rows, load_selected_rubrics
 
@@ -36,7 +36,9 @@ def judge_factory(cfg: CptConfig, judging: JudgingConfig) -> JudgeFactory:
     return JudgeFactory(cfg.judge, cfg.engine, cfg.prompts.judge_repair, judging.max_attempts)
 
 
-def work_grid(cfg: CptConfig, tasks: dict[str, str], gens: list[dict]) -> list[dict]:
+def work_grid(
+    cfg: CptConfig, tasks: dict[str, str], gens: list[dict], nonce_key: bytes | None = None
+) -> list[dict]:
     singles = cfg.rubrics.include or sorted(r.name for r in load_selected_rubrics(cfg))
 
     def parts(g: dict) -> list[tuple[str, str]]:
@@ -44,7 +46,7 @@ def work_grid(cfg: CptConfig, tasks: dict[str, str], gens: list[dict]) -> list[d
             return [(name, "") for name in singles]
         return condition_parts(g)
 
-    return judge_grid(cfg, tasks, gens, "adh", parts, lambda g: {"kind": g["kind"]})
+    return judge_grid(cfg, tasks, gens, "adh", parts, lambda g: {"kind": g["kind"]}, nonce_key)
 
 
 def table2(cfg: CptConfig, rows: list[dict]) -> pa.Table:
@@ -100,7 +102,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     tasks = {t["id"]: t["text"] for t in store.read_table(ctx.inputs["tasks"]).to_pylist()}
     gens = store.read_table(ctx.inputs["generate"]).to_pylist()
-    rows = work_grid(cfg, tasks, gens)
+    rows = work_grid(cfg, tasks, gens, store.secret_file(ctx.out_dir / JUDGE_KEY))
     stats = run_rows(
         rows,
         ctx.out_dir,

@@ -16,7 +16,7 @@ from cpt import store
 from cpt.config import CptConfig
 from cpt.generation import GenerateFactory, JudgeFactory, run_rows
 from cpt.graph import StageContext, StageSpec
-from cpt.judge import condition_parts, judge_grid
+from cpt.judge import JUDGE_KEY, condition_parts, judge_grid
 from cpt.parallel import n_shards
 from cpt.prompts import (
     conditions,
@@ -107,6 +107,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "response": g["text"],
             "generation_ok": g["ok"],
         },
+        store.secret_file(ctx.out_dir / JUDGE_KEY),  # delimiter nonces: secret, resumable
     )
     factory = JudgeFactory(
         cfg.judge, cfg.engine, cfg.prompts.judge_repair, cfg.evaluate.judge_max_attempts

@@ -32,7 +32,7 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir).absolute()
     scale = cfg.levels.scale
     evals = finished(run_dir, "evaluate")
-    frames, paths, manifests, agreements = [], {}, {}, {}
+    frames, paths, manifests, agreements, gen_failures = [], {}, {}, {}, {}
     for d in evals:
         m = store.read_json(d / "manifest.json")
         student = m["config"]["student"]["name"]
@@ -40,6 +40,7 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         manifests[student] = d
         judged = store.read_table(d).to_pandas()
         frames.append(report.judged_frame(judged))
+        gen_failures[student] = report.generation_failures(judged)
         n_agree = m.get("agreement", {}).get("n_shards", 0)
         if n_agree:
             again = store.read_shards(d / "agreement", n_agree).to_pandas()
@@ -148,6 +149,13 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         "",
         *[f"- {s}: " + ", ".join(f"{m} {n}" for m, n in by.items()) for s, by in failures.items()],
         "",
+        "## Generation failures (student responses that failed; never judged, not in the metrics)",
+        "",
+        *[
+            f"- {s}: " + ", ".join(f"{m} {n}" for m, n in by.items())
+            for s, by in sorted(gen_failures.items())
+        ],
+        "",
         "## Judge agreement (same responses judged twice, another sampling seed)",
         "",
         report.frame_markdown(pd.DataFrame([{"student": s, **a} for s, a in agreements.items()]))
@@ -174,6 +182,7 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         "rows": len(df),
         "agreement": agreements,
         "judge_failures": failures,
+        "generation_failures": gen_failures,
     }
 
 

@@ -29,6 +29,7 @@ def params(cfg: CptConfig) -> dict[str, Any]:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
+    from cpt.recipe import wall_clock_checkpoints
     from cpt.train import train_dpo
 
     cfg = ctx.cfg
@@ -47,6 +48,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ctx.out_dir,
         eval_rows=eval_rows if eval_rows.num_rows else None,
         deepspeed=cfg.deepspeed,
+        callbacks=[wall_clock_checkpoints(cfg.cluster.checkpoint_every_min)],
     )
     _free_gpu_memory()  # the next stage's engine (another process) needs it
     return {
