@@ -33,7 +33,7 @@ from cpt.graph import (
     replica_gpus,
 )
 from cpt.graph import resolve as resolve_graph
-from cpt.parallel import check_gpus
+from cpt.replicas import check_gpus
 from cpt.stages import STAGES
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, launch
 
-from cpt import parallel, store
-from cpt.parallel import Resources, check_gpus, run_sharded
+from cpt import replicas, store
+from cpt.parallel import run_sharded
+from cpt.replicas import Resources, check_gpus
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_parallel import Square, read_all, rows  # picklable workers, by module name
@@ -103,8 +104,8 @@ def on_head(head, monkeypatch) -> Iterator[str]:
 
     if ray.is_initialized():
         ray.shutdown()
-    monkeypatch.setattr(parallel, "PG_READY_TIMEOUT_S", 60.0)  # a leak fails, not hangs
-    parallel.init_ray(head)
+    monkeypatch.setattr(replicas, "PG_READY_TIMEOUT_S", 60.0)  # a leak fails, not hangs
+    replicas.init_ray(head)
     yield head
     ray.shutdown()  # later tests start their own local Ray again
 
@@ -124,7 +125,7 @@ def test_replicas_fill_the_gpus_and_give_them_back(tmp_path, on_head):
     import ray
 
     data = rows(24)
-    for k, (gpus, replicas) in enumerate([(1, 2), (2, 1), (1, 2)]):  # stage after stage
+    for k, (gpus, n) in enumerate([(1, 2), (2, 1), (1, 2)]):  # stage after stage
         out = tmp_path / f"stage{k}"
         stats = run_sharded(
             data,
@@ -137,7 +138,7 @@ def test_replicas_fill_the_gpus_and_give_them_back(tmp_path, on_head):
         )
         got = read_all(out, stats.n_shards)
         assert sorted(r["id"] for r in got) == sorted(r["id"] for r in data)
-        assert len({r["pid"] for r in got}) == replicas  # floor(2 GPUs / gpus per replica)
+        assert len({r["pid"] for r in got}) == n  # floor(2 GPUs / gpus per replica)
         _gpus_back(ray)
 
 
