@@ -176,7 +176,10 @@ def write_results(
     lines.append(
         f"benchmarks: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
     )
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from benchmarks.gpu_check import kept_section  # measured on a GPU machine: keep it
+
+    gpu = kept_section(path)
+    path.write_text("\n".join(lines) + "\n" + (f"\n{gpu}" if gpu else ""), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -321,7 +321,7 @@ class ClusterConfig:
 
     Parameters:
     partition, account, qos (`str`): sbatch flags of every stage job (unset = site default).
-    gpus_per_node (`int`): GPUs of a GPU stage job (generate, adherence, train, evaluate...).
+    gpus_per_node (`int`): GPUs per node: the most a stage job asks for on one node.
     cpus_per_task (`int`): CPUs per GPU of a GPU stage job (its one task gets this x GPUs),
         or of a CPU-only job (tasks, pairs, report).
     mem_gb (`int`): memory per node of a stage job.
@@ -337,6 +337,10 @@ class ClusterConfig:
     cpu_partition (`str`): partition of CPU-only stage jobs (unset = partition).
     cpu_mem_gb (`int`): memory of CPU-only stage jobs (0 = mem_gb).
     additional_parameters (`dict`): extra sbatch flags of every stage job, e.g. {reservation: x}.
+    stage_time_min (`dict`): per-stage time limits overriding time_min, e.g. {sysprompts: 60}.
+
+    A stage job's GPUs come from what it runs (`cpt.graph.stage_size`): replicas x model.gpus
+    for generation and judging, train.gpus x train.nodes for training, none for CPU stages.
     """
 
     name: str = "local"
@@ -355,6 +359,7 @@ class ClusterConfig:
     cpu_partition: str | None = None
     cpu_mem_gb: int = 0
     additional_parameters: dict[str, Any] = field(default_factory=dict)
+    stage_time_min: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key, low in [
@@ -364,6 +369,13 @@ class ClusterConfig:
         ]:
             value = getattr(self, key)
             check(value >= low, f"cluster.{key}", f"must be >= {low}, got {value}")
+        for stage, minutes in self.stage_time_min.items():
+            check(
+                stage in STAGES,
+                f"cluster.stage_time_min.{stage}",
+                f"unknown stage (stages: {', '.join(STAGES)})",
+            )
+            check(minutes >= 1, f"cluster.stage_time_min.{stage}", f"must be >= 1, got {minutes}")
 
 
 @dataclass
@@ -592,6 +604,14 @@ class TrainConfig:
             the last two are kept. Smaller = less work lost on preemption, more disk writes.
         logging_steps (`int`, defaults to `1`): log (and write to metrics.parquet) every N
             optimizer steps (TRL's default is 10).
+
+        > Ranks (a Slurm train job; a local run trains in its one process)
+
+        gpus (`int`, defaults to `1`): GPUs per node of the train job, one task (rank) each;
+            DeepSpeed/DDP world size = gpus x nodes. On a profile without GPUs
+            (`cluster.gpus_per_node: 0`) the ranks run on CPUs (gloo). The effective batch is
+            per_device_batch_size x grad_accum x ranks: halve grad_accum when doubling ranks.
+        nodes (`int`, defaults to `1`): nodes of the train job.
     """
 
     name: str = "custom"
@@ -617,6 +637,8 @@ class TrainConfig:
     seed: int = 0
     precompute_ref_log_probs: bool = False
     logging_steps: int = 1
+    gpus: int = 1
+    nodes: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -677,6 +699,8 @@ class TrainConfig:
         need(self.save_steps >= 1, f"train.save_steps must be >= 1, got {self.save_steps}")
         need(self.logging_steps >= 1, f"train.logging_steps must be >= 1, got {self.logging_steps}")
         need(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        need(self.gpus >= 0, f"train.gpus must be >= 0, got {self.gpus}")
+        need(self.nodes >= 1, f"train.nodes must be >= 1, got {self.nodes}")
         if len(problems) == 1:
             raise ConfigError(problems[0])
         if problems:

@@ -125,6 +125,15 @@ def conditions(cfg: CptConfig) -> list[Condition]:
     return out
 
 
+def generation_rows(cfg: CptConfig) -> int | None:
+    """At most this many teacher generations (hence judgements) in the grid; None when every
+    task is used (`tasks.num_tasks=0`: the count is known only once the tasks are read)."""
+    if not cfg.tasks.num_tasks:
+        return None
+    per_task = len(conditions(cfg)) + int(cfg.generate.no_rubric)
+    return per_task * cfg.generate.samples * cfg.tasks.num_tasks
+
+
 def conditions_fingerprint(cfg: CptConfig) -> list[object]:
     """What the conditions' prompts depend on: names, levels, qualifiers, rubric content."""
     return [

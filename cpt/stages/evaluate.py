@@ -25,6 +25,7 @@ from cpt.config import CptConfig, ModelConfig
 from cpt.generation import GenerateFactory, JudgeFactory, run_rows
 from cpt.graph import StageContext, StageSpec
 from cpt.judge import JUDGE_KEY, condition_parts, judge_grid
+from cpt.parallel import n_shards
 from cpt.prompts import (
     conditions,
     load_selected_rubrics,
@@ -241,11 +242,15 @@ def agreement_rows(cfg: CptConfig, judge_rows: list[dict]) -> list[dict]:
 
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
-    out = {"samples": cfg.evaluate.samples, "student": cfg.student.name}
+    out: dict[str, Any] = {"samples": cfg.evaluate.samples, "student": cfg.student.name}
     if len(panel(cfg)) > 1:
         out["judges"] = "+".join(panel(cfg))
     if cfg.evaluate.tuned:
         out["cpt"] = f"{tuned_kind(cfg.evaluate.tuned)}:{cfg.evaluate.tuned}"
+    if cfg.tasks.num_tasks:  # responses of base and tuned student over (at most) every task
+        models = 1 + int(cfg.evaluate.baseline)
+        n = len(conditions(cfg)) * cfg.evaluate.samples * models * cfg.tasks.num_tasks
+        out["shards<="] = n_shards(n, cfg.evaluate.shard_size)
     return out
 
 
@@ -261,6 +266,6 @@ SPEC = StageSpec(
     run,
     plan,
     per_student=True,
-    gpu=True,
     skip=skip,
+    runs=("student", "judge"),  # one after the other: the job is sized for the larger
 )
