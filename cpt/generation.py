@@ -67,6 +67,7 @@ class GenerateFactory:
                     "id": r["id"],
                     **{k: v for k, v in r.items() if k not in _WORK_KEYS},
                     "text": o.text,
+                    "reasoning": o.reasoning,  # a reasoning model's thinking, never in `text`
                     "prompt_tokens": o.prompt_tokens,
                     "completion_tokens": o.completion_tokens,
                     "finish_reason": o.finish_reason,

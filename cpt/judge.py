@@ -118,6 +118,9 @@ def judge_nonce(key: bytes | None = None, *parts: str) -> str:
     return hmac.new(key, "\0".join(parts).encode(), hashlib.sha256).hexdigest()[:16].upper()
 
 
+TRUNCATED = "not judged: the response was cut at max_new_tokens"
+
+
 @dataclass(frozen=True)
 class JudgeItem:
     """One judgement to make; a non-empty `refuse` says why it is not sent to the judge."""
@@ -205,13 +208,16 @@ def judge_grid(
     parts: Callable[[dict], list[tuple[str, str]]],
     meta: Callable[[dict], dict],
     nonce_key: bytes | None = None,
+    judge_truncated: bool = False,
 ) -> list[dict]:
     """Judge work rows: one per (response, rubric part), the prompt holding the full rubric,
     the task and the response between delimiters tagged with a nonce (column `nonce`) that
     `judge_nonce` derives from `nonce_key` (the stage's secret; None: a fresh random key).
     `parts` gives a response's (rubric, level) parts; `meta` the columns carried to the
     output row. Column `not_judged` says why a row is not sent to the judge ("" if it is):
-    a failed generation, or a response or task holding the nonce. Column
+    a failed generation, a response or task holding the nonce, or (unless
+    `judge_truncated`) a response cut at its generator's max_new_tokens (column `truncated`:
+    never judged as if complete, counted apart as `TRUNCATED`). Column
     `response_truncated` marks responses cut to fit the judge's context."""
     from cpt.prompts import judge_messages, load_selected_rubrics
     from cpt.store import content_hash
@@ -235,6 +241,8 @@ def judge_grid(
                 not_judged = "generation failed: not judged"
             elif nonce in response or nonce in task:
                 not_judged = "the response or task contains the judge's delimiter nonce: not judged"
+            elif g.get("finish_reason") == "length" and not judge_truncated:
+                not_judged = TRUNCATED
             rows.append(
                 work_row(
                     content_hash([tag, g["id"], part_rubric]),
@@ -250,6 +258,7 @@ def judge_grid(
                     nonce=nonce,
                     not_judged=not_judged,
                     response_truncated=cut,
+                    truncated=g.get("finish_reason") == "length",
                     **meta(g),
                 )
             )
@@ -279,11 +288,11 @@ class ResponseFitter:
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        from cpt.models.tiny import resolve_model_path
+        from cpt.models import resolve_model_path
 
         try:
             return AutoTokenizer.from_pretrained(
-                resolve_model_path(self.model.path),
+                resolve_model_path(self.model.path, self.model.gguf_file),
                 revision=self.model.revision,
                 trust_remote_code=bool(self.model.trust_remote_code),
             )

@@ -52,6 +52,9 @@ def init_ray(address: str = "", num_cpus: int = 0) -> None:
     else:
         kwargs["num_cpus"] = num_cpus or os.cpu_count()
         kwargs["num_gpus"] = machine_gpus()
+        # Ray starts workers at nice 15; in a local run the actors are the work, and at nice 15
+        # they got ~1/28 of a CPU against any busy process (a real-model stage: 30 min, not 2)
+        os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(**kwargs)
 
 

@@ -247,9 +247,10 @@ def table3(
     for student, by_model in sorted(summaries.items()):
         base, cpt = by_model.get("base"), by_model.get("cpt")
         cells = []
-        for m in METRICS:
+        for m in METRICS:  # a model may have no judged rows (all cut at max_new_tokens)
             b = fmt_ci(base[m], base[f"{m}_ci"]) if base else "-"
-            cells.append(f"{b} → {fmt_ci(cpt[m], cpt[m + '_ci'])}")
+            c = fmt_ci(cpt[m], cpt[f"{m}_ci"]) if cpt else "-"
+            cells.append(f"{b} → {c}")
         paper = paper_row(paper_ids.get(student, ""))
         ptext = (
             "; ".join(f"{LABELS[m]} {paper[m][0]:.2f} → {paper[m][1]:.2f}" for m in METRICS)
@@ -257,8 +258,8 @@ def table3(
             else "not in the paper"
         )
         n_tasks = (tasks or {}).get(student, "-")
-        judged = f"{base['n'] if base else '-'} / {cpt['n']}"
-        fails = f"{base['judge_failures'] if base else '-'} / {cpt['judge_failures']}"
+        judged = " / ".join(str(s["n"]) if s else "-" for s in (base, cpt))
+        fails = " / ".join(str(s["judge_failures"]) if s else "-" for s in (base, cpt))
         lines.append(
             f"| {student} | {n_tasks} | {judged} | " + " | ".join(cells) + f" | {ptext} | {fails} |"
         )

@@ -243,13 +243,13 @@ def _setup(
     import torch
     from transformers import AutoTokenizer
 
-    from cpt.models.tiny import resolve_model_path
+    from cpt.models import resolve_model_path
 
     use_cpu = (not torch.cuda.is_available()) if use_cpu is None else use_cpu
     ds_file = deepspeed_file(deepspeed)
     if ds_file is not None:
         ensure_single_process_env()
-    model_path = resolve_model_path(student.path)
+    model_path = resolve_model_path(student.path, student.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(
         model_path, revision=student.revision, trust_remote_code=student.trust_remote_code
     )
@@ -441,7 +441,7 @@ class TrainCLI:
 
     rows: list[str] = field(metadata={"help": "preference rows: Parquet file(s) or folder(s)"})
     student_path: str = field(
-        metadata={"help": "HF id, local folder, or builtin:tiny / builtin:tiny_nosys"}
+        metadata={"help": "HF id, local folder, .gguf file, or builtin:smollm2-135m / builtin:tiny"}
     )
     out: str = field(metadata={"help": "train folder (re-use it to resume)"})
     split: str = field(default="train", metadata={"help": "the split of --rows to train on"})

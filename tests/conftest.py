@@ -30,8 +30,25 @@ def tiny_nosys_dir() -> Path:
     return tiny_model_dir("tiny_nosys")
 
 
-def compose(*overrides: str):
-    """The composed config (dataclasses) for these overrides, as jobs/launch.py sees it."""
+# The defaults run the real built-in model (minutes); tests run the tiny random models (seconds)
+# unless they name a model or a training preset themselves. Random weights almost never emit
+# EOS, so the tiny runs also pair and judge generations cut at max_new_tokens.
+TINY = (
+    *("teacher=tiny", "judge=tiny", "student=tiny", "train=tiny", "engine=hf"),
+    *("pairs.keep_truncated=true", "adherence.judge_truncated=true"),
+    "evaluate.judge_truncated=true",
+)
+
+
+def pin_tiny(args: tuple[str, ...] | list[str]) -> list[str]:
+    """`args` plus the TINY overrides whose keys `args` does not set."""
+    keys = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
+    return [*args, *(o for o in TINY if o.split("=", 1)[0] not in keys)]
+
+
+def compose(*overrides: str, tiny: bool = True):
+    """The composed config (dataclasses) for these overrides, as jobs/launch.py sees it
+    (with the tiny models pinned unless `tiny=False`)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -41,15 +58,17 @@ def compose(*overrides: str):
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return to_config(hydra_compose(config_name="config", overrides=list(overrides)))
+        args = pin_tiny(overrides) if tiny else list(overrides)
+        return to_config(hydra_compose(config_name="config", overrides=args))
 
 
 def launch(
-    *args: str, timeout: float = 600, check: bool = True, env: dict | None = None
+    *args: str, timeout: float = 600, check: bool = True, env: dict | None = None, tiny: bool = True
 ) -> subprocess.CompletedProcess:
-    """Run jobs/launch.py in a subprocess (the real entry point) and capture its output."""
+    """Run jobs/launch.py in a subprocess (the real entry point) and capture its output
+    (with the tiny models pinned unless `tiny=False`)."""
     proc = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "launch.py"), *args],
+        [sys.executable, str(REPO / "jobs" / "launch.py"), *(pin_tiny(args) if tiny else args)],
         capture_output=True,
         text=True,
         timeout=timeout,

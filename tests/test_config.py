@@ -12,13 +12,22 @@ from cpt.config import ConfigError, EngineKind, LevelConfig, LevelsConfig, valid
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "models").glob("*.yaml"))
 
 
-def test_default_config_is_local_cpu_tiny():
+def test_default_config_is_local_cpu_real_model():
+    cfg = compose(tiny=False)  # what `make run` composes
+    for role in (cfg.teacher, cfg.judge, cfg.student):
+        assert role.path == "builtin:smollm2-135m" and role.gpus == 0 and not role.trust_remote_code
+    assert cfg.engine.kind is EngineKind.vllm and cfg.train.max_steps > 0  # train=cpu
+    assert cfg.stage is None and cfg.plan is False and cfg.cluster.name == "local"
+
+
+def test_tests_pin_the_tiny_models():
     cfg = compose()
     for role in (cfg.teacher, cfg.judge, cfg.student):
         assert role.path == "builtin:tiny" and role.gpus == 0 and not role.trust_remote_code
     assert cfg.engine.kind is EngineKind.hf
     assert cfg.stage is None and cfg.plan is False
     assert validate(cfg) == []
+    assert compose("teacher=tiny_nosys").teacher.name == "tiny_nosys"  # an explicit choice wins
 
 
 @pytest.mark.parametrize("role", ["teacher", "judge", "student"])

@@ -209,3 +209,40 @@ def _wait_healthy(proc: subprocess.Popen, port: int, log_path, timeout_s: float)
             assert proc.poll() is None, log_path.read_text()[-3000:]
             time.sleep(0.5)
     pytest.fail(f"vllm server did not start in {timeout_s} s:\n" + log_path.read_text()[-3000:])
+
+
+def test_seeded_sampling_with_prompts_longer_than_a_prefill_chunk():
+    """vLLM 0.32 on CPU: a seeded request whose prompt is prefilled in chunks fails the whole
+    batch ("CPU Generator does not use offset"). With chunked prefill forced on, every part
+    of the batch fails the same way, and the engine records them all as failed at once
+    (3 `LLM.generate` calls, not a halving down to single requests); with cpt's CPU scheduler
+    settings (`cpu_scheduler`: no chunked prefill) the same requests succeed."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the chunked-prefill generator rewind only fails on CPU")
+    model = ModelConfig(name="tiny", path="builtin:tiny", max_model_len=1024, dtype=DType.float32)
+    reqs = [
+        Request(f"long{i}", chat(f"story {i}: " + "the quick brown fox " * 150), Sampling(8, 1.0))
+        for i in range(4)
+    ]  # ~700 prompt tokens, sampled with a seed per request
+    chunked = build_engine(
+        model,
+        EngineConfig(kind=EngineKind.vllm, max_loras=0),
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=256,
+    )
+    calls = []
+    generate = chunked.llm.generate
+    chunked.llm.generate = lambda *a, **k: calls.append(len(a[0])) or generate(*a, **k)
+    outs = chunked.generate(reqs)
+    chunked.close()
+    assert all(o.finish_reason == "error" for o in outs)
+    assert all(o.error.startswith("engine error: ") and "offset" in o.error for o in outs)
+    assert calls == [4, 2, 2]  # the batch, then both halves: the same error, so no further
+    fixed = build_engine(model, EngineConfig(kind=EngineKind.vllm, max_loras=0))
+    outs = fixed.generate(reqs)
+    again = fixed.generate(reqs[1:2])
+    fixed.close()
+    assert all(o.finish_reason != "error" and o.prompt_tokens > 600 for o in outs), outs[0].error
+    assert again == outs[1:2]  # per-request seed: the same sample alone as in a batch

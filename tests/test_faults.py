@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import REPO, compose, launch
+from conftest import REPO, compose, launch, pin_tiny
 
 from cpt import store
 from cpt.parallel import run_sharded
@@ -113,7 +113,7 @@ def share_judge_key(src_run: Path, dst_run: Path, stage: str) -> None:
 def launch_killed(run: Path, stage: str, ready: Callable[[], bool], what: str) -> None:
     """Launch `stage`, SIGKILL it once `ready()` holds (mid-stage), and check it is unfinished."""
     proc = subprocess.Popen(
-        [*LAUNCH, f"run_dir={run}", f"stage={stage}", *RUN],
+        [*LAUNCH, *pin_tiny([f"run_dir={run}", f"stage={stage}", *RUN])],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -312,7 +312,7 @@ def test_corrupt_shards_of_an_unfinished_stage_are_redone_by_the_runner(tmp_path
 
 def test_two_launches_of_the_same_stage_at_once(tmp_path):
     over = [*SMALL, "generate.shard_size=2"]
-    args = [*LAUNCH, f"run_dir={tmp_path}", "stage=generate", *over]
+    args = [*LAUNCH, *pin_tiny([f"run_dir={tmp_path}", "stage=generate", *over])]
     procs = [
         subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)

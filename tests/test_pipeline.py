@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose, launch
+from conftest import REPO, compose, launch, pin_tiny
 
 from cpt import store
 from cpt.pipeline import stage_dir
@@ -160,9 +160,7 @@ def test_sigkill_mid_generation_then_rerun_loses_and_duplicates_nothing(tmp_path
     args = [
         sys.executable,
         str(REPO / "jobs/launch.py"),
-        f"run_dir={tmp_path}",
-        "stage=generate",
-        *GEN,
+        *pin_tiny([f"run_dir={tmp_path}", "stage=generate", *GEN]),
     ]
     cfg = compose(f"run_dir={tmp_path}", *GEN)
     d = stage_dir(cfg, "generate")

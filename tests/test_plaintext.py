@@ -212,6 +212,7 @@ def test_hf_and_vllm_engines_use_plain_text_contents(tiny_dir):
     assert (ids.count(im_start), ids.count(im_end)) == (3, 2)
     vllm_engine = object.__new__(VLLMEngine)  # only its prompt encoding, no vLLM start-up
     vllm_engine.model_cfg, vllm_engine.tokenizer = model, hf.tokenizer
+    vllm_engine.blank_system, vllm_engine.template_kwargs = hf.blank_system, hf.template_kwargs
     assert vllm_engine._prompt_ids(req) == ids
     (out,) = hf.generate([req])  # and the engine still runs it
     assert out.finish_reason in ("stop", "length") and out.prompt_tokens == len(ids)

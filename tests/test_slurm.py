@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose, has_slurm, launch
+from conftest import REPO, compose, has_slurm, launch, pin_tiny
 
 from cpt import slurm, store
 from cpt.config import resolve_recipe
@@ -153,7 +153,7 @@ def wait_until(pred, timeout: float, what: str, step: float = 0.5):
 
 def popen_launch(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / "launch.py"), *args],
+        [sys.executable, str(REPO / "jobs" / "launch.py"), *pin_tiny(args)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -7,7 +7,8 @@ import hashlib
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cpt.models.tiny import VARIANTS, resolve_model_path, tiny_model_dir
+from cpt.models import resolve_model_path
+from cpt.models.tiny import VARIANTS, tiny_model_dir
 
 
 def digest(folder) -> dict[str, str]:

@@ -49,6 +49,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" (EOS / stop string), "length" (hit max_new_tokens), "error"
     error: str = ""
+    reasoning: str = ""  # thinking of a reasoning model, kept out of `text` (engines.reasoning)
 
 
 class Engine(Protocol):
@@ -79,6 +80,34 @@ def fold_system(
         rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
         return rest
     return [{"role": "user", "content": system}, *rest]
+
+
+def injects_default_system(tokenizer: Any) -> bool:
+    """Whether the chat template adds its own system turn to a chat that has none.
+
+    SmolLM2 ("You are a helpful AI assistant named SmolLM...") and Qwen2.5 do. Detected by
+    rendering one user turn with and without an explicit empty system turn: only a template
+    that injects text makes the chat without a system turn the longer one. A template that
+    rejects a system turn does not inject one.
+    """
+    user = {"role": "user", "content": "x"}
+    try:
+        bare = tokenizer.apply_chat_template([user], tokenize=False)
+        empty = tokenizer.apply_chat_template(
+            [{"role": "system", "content": ""}, user], tokenize=False
+        )
+    except Exception:
+        return False
+    return len(bare) > len(empty)
+
+
+def blank_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """`messages` with an empty system turn first if they have none: for templates that would
+    otherwise inject their own default system prompt into a chat meant to have none (the
+    no-rubric baseline, teacher and summarizer prompts)."""
+    if messages and messages[0]["role"] == "system":
+        return messages
+    return [{"role": "system", "content": ""}, *messages]
 
 
 def error_completion(req: Request, message: str, prompt_tokens: int = 0) -> Completion:

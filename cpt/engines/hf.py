@@ -21,14 +21,17 @@ from cpt.engines.base import (
     Completion,
     Request,
     adapter_name,
+    blank_system,
     error_completion,
     fold_system,
     group_key,
+    injects_default_system,
     request_seed,
 )
 from cpt.engines.plaintext import chat_prompt_ids
+from cpt.engines.reasoning import split_reasoning, splits_reasoning, template_kwargs
 from cpt.engines.schema import compile_json_schema, schema_text
-from cpt.models.tiny import resolve_model_path
+from cpt.models import resolve_model_path
 
 if TYPE_CHECKING:
     from cpt.config import EngineConfig, ModelConfig
@@ -41,7 +44,11 @@ class HFEngine:
 
     - Prompts: the tokenizer's chat template on `fold_system(messages, model.system_role)`,
       tokenized without extra special tokens (the template already has them); message
-      contents are plain text, never control tokens (`cpt.engines.plaintext`).
+      contents are plain text, never control tokens (`cpt.engines.plaintext`). A template
+      that injects its own default system prompt gets an explicit empty system turn instead
+      (`blank_system`); `template_kwargs(model)` (e.g. `enable_thinking`) go to the template.
+    - Reasoning models (`model.reasoning` disabled/enabled): `<think>` text goes to
+      `Completion.reasoning`, the answer to `text` (`cpt.engines.reasoning`).
     - Batching: requests with the same `group_key` (sampling except the seed, JSON schema,
       adapter) share batches of `engine.batch_size`, longest prompts first, left-padded.
     - Sampling: temperature 0 is greedy. Otherwise temperature and top-p shape the logits and
@@ -80,7 +87,7 @@ class HFEngine:
         del adapters  # PEFT loads adapters on demand; nothing to reserve
         self.model_cfg = model
         self.engine_cfg = engine
-        self.path = resolve_model_path(model.path)
+        self.path = resolve_model_path(model.path, model.gguf_file)
         trust = bool(model.trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(
             self.path, revision=model.revision, trust_remote_code=trust
@@ -88,6 +95,8 @@ class HFEngine:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.blank_system = model.system_role and injects_default_system(self.tokenizer)
+        self.template_kwargs = template_kwargs(model)
         dtype_name = getattr(model.dtype, "value", model.dtype)
         dtype = "auto" if dtype_name == "auto" else getattr(torch, dtype_name)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -185,7 +194,10 @@ class HFEngine:
 
     def _prompt_ids(self, req: Request) -> list[int]:
         messages = fold_system(req.messages, self.model_cfg.system_role)
-        return chat_prompt_ids(self.tokenizer, messages)  # contents stay plain text
+        if self.blank_system:
+            messages = blank_system(messages)
+        # contents stay plain text; template_kwargs e.g. enable_thinking
+        return chat_prompt_ids(self.tokenizer, messages, **self.template_kwargs)
 
     def _generate_batch(self, reqs: list[Request], prompts: list[list[int]]) -> list[Completion]:
         import torch
@@ -240,12 +252,16 @@ class HFEngine:
             n, finish, eos = room, "length", None
         text_tokens = tokens[:eos] if eos is not None else tokens[:n]
         text = self.tokenizer.decode(text_tokens, skip_special_tokens=True)
+        reasoning = ""
+        if splits_reasoning(self.model_cfg):
+            text, reasoning = split_reasoning(text)
         return Completion(
             id=req.id,
             text=text,
             prompt_tokens=len(prompt),
             completion_tokens=n,
             finish_reason=finish,
+            reasoning=reasoning,
         )
 
     def _grammar(self, schema: dict[str, Any]) -> Any:

@@ -24,6 +24,7 @@ from cpt.engines.base import (
     request_seed,
 )
 from cpt.engines.plaintext import neutralise
+from cpt.engines.reasoning import split_reasoning, splits_reasoning, template_kwargs
 
 if TYPE_CHECKING:
     from cpt.config import EngineConfig, ModelConfig
@@ -50,9 +51,9 @@ def vllm_serve_command(
     """
     import sys
 
-    from cpt.models.tiny import resolve_model_path
+    from cpt.models import resolve_model_path
 
-    path = resolve_model_path(model.path)
+    path = resolve_model_path(model.path, model.gguf_file)
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", path, "--served-model-name", model.path,
@@ -165,6 +166,9 @@ class OpenAIEngine:
             }
             if self.server_extras:
                 kwargs["extra_body"] = {"structured_outputs": {"json": req.json_schema}}
+        template = template_kwargs(self.model_cfg)  # e.g. enable_thinking (vLLM servers read it)
+        if template and self.server_extras:
+            kwargs.setdefault("extra_body", {})["chat_template_kwargs"] = template
         return kwargs
 
     def _one(self, req: Request) -> Completion:
@@ -177,12 +181,18 @@ class OpenAIEngine:
             return error_completion(req, "server returned no choices")
         choice = resp.choices[0]
         usage = resp.usage
+        text = choice.message.content or ""
+        # a server with a reasoning parser returns the thinking apart; else split it here
+        reasoning = getattr(choice.message, "reasoning_content", None) or ""
+        if splits_reasoning(self.model_cfg) and not reasoning:
+            text, reasoning = split_reasoning(text)
         return Completion(
             id=req.id,
-            text=choice.message.content or "",
+            text=text,
             prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
             completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
             finish_reason=choice.finish_reason or "stop",
+            reasoning=reasoning,
         )
 
     def _redact(self, text: str) -> str:

@@ -64,15 +64,22 @@ def _special_regex(specials: tuple[str, ...]) -> re.Pattern[str]:
 
 
 def chat_prompt_ids(
-    tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
+    tokenizer: Any,
+    messages: Sequence[dict[str, str]],
+    add_generation_prompt: bool = True,
+    **template_kwargs: Any,
 ) -> list[int]:
-    """Token ids of the chat prompt, with every message content encoded as plain text.
+    """Token ids of the chat prompt, with every message content encoded as plain text
+    (`template_kwargs`: extra chat-template variables, e.g. `enable_thinking`).
 
     Raises what `apply_chat_template` raises (e.g. a template without a system role).
     """
     specials = special_strings(tokenizer)
     render = functools.partial(
-        tokenizer.apply_chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        tokenizer.apply_chat_template,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        **template_kwargs,
     )
     contents = [str(m.get("content") or "") for m in messages]
     text = render(list(messages))

@@ -20,13 +20,16 @@ from cpt.engines.base import (
     Completion,
     Request,
     adapter_name,
+    blank_system,
     error_completion,
     fold_system,
+    injects_default_system,
     request_seed,
 )
 from cpt.engines.plaintext import chat_prompt_ids
+from cpt.engines.reasoning import split_reasoning, splits_reasoning, template_kwargs
 from cpt.engines.schema import schema_text
-from cpt.models.tiny import resolve_model_path
+from cpt.models import resolve_model_path
 
 if TYPE_CHECKING:
     from cpt.config import EngineConfig, ModelConfig
@@ -34,6 +37,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+Todo = tuple[int, dict[str, Any], Any, Any]  # (request index, prompt, SamplingParams, LoRARequest)
+
+
+def cpu_scheduler(max_model_len: int) -> dict[str, Any]:
+    """vLLM-cpu scheduler settings: no chunked prefill, a token budget that holds any prompt.
+
+    Why: vLLM 0.32 samples a token for a partially prefilled request, discards it and rewinds
+    that request's generator (`gen.set_offset(gen.get_offset() - 4)` in
+    `GPUModelRunner._bookkeeping_sync`, inherited by the CPU runner). A CPU `torch.Generator`
+    has no offset, so every batch holding a seeded request whose prompt is longer than the
+    prefill chunk failed with "CPU Generator does not use offset". Without chunked prefill a
+    prompt is prefilled in one step (vLLM then needs `max_num_batched_tokens >=
+    max_model_len`), so no token is discarded and no generator rewound.
+    """
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 2048)}
 
 
 class VLLMEngine:
@@ -55,7 +73,12 @@ class VLLMEngine:
       `LoRARequest(adapter_name(path), int_id, path)`; int ids are stable per path for the
       engine's lifetime.
     - If vLLM rejects the batch (e.g. an unloadable adapter), the batch is retried in halves
-      so only the bad requests become error completions.
+      so only the bad requests become error completions; an error that every part of the
+      batch hits (the engine's, not a request's) fails the batch at once, logged as an error.
+    - CPU: chunked prefill off (`cpu_scheduler`), so per-request seeds work with long prompts.
+    - Prompts of templates that inject a default system prompt get an explicit empty system
+      turn (`blank_system`); reasoning models get `template_kwargs` and their `<think>` text
+      split off into `Completion.reasoning` (`cpt.engines.reasoning`).
 
     Args:
         adapters: reserve LoRA slots. None (default): iff `engine.max_loras > 0` (the default
@@ -86,7 +109,7 @@ class VLLMEngine:
 
         self.model_cfg = model
         self.engine_cfg = engine
-        self.path = resolve_model_path(model.path)
+        self.path = resolve_model_path(model.path, model.gguf_file)
         local = Path(self.path).is_dir()
         trust = bool(model.trust_remote_code)
         dtype = getattr(model.dtype, "value", model.dtype)
@@ -101,6 +124,7 @@ class VLLMEngine:
             "trust_remote_code": trust,
             "seed": seed,
             "enforce_eager": cpu,
+            **(cpu_scheduler(model.max_model_len) if cpu else {}),
             # compact JSON; vLLM's xgrammar backend reads this flag only from the engine
             # config (StructuredOutputsParams.disable_any_whitespace is ignored per request)
             "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
@@ -125,6 +149,8 @@ class VLLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(
             self.path, revision=None if local else model.revision, trust_remote_code=trust
         )
+        self.blank_system = model.system_role and injects_default_system(self.tokenizer)
+        self.template_kwargs = template_kwargs(model)
         self._lora_ids: dict[str, int] = {}
 
     def generate(self, requests: list[Request]) -> list[Completion]:
@@ -180,9 +206,14 @@ class VLLMEngine:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _run(
-        self, todo: list[tuple[int, dict[str, Any], Any, Any]], requests: list[Request]
-    ) -> dict[int, Completion]:
+    def _run(self, todo: list[Todo], requests: list[Request]) -> dict[int, Completion]:
+        outs, error = self._attempt(todo)
+        if outs is None:
+            return self._isolate(todo, error, requests)
+        return self._completions(todo, outs, requests)
+
+    def _attempt(self, todo: list[Todo]) -> tuple[Any, str]:
+        """(vLLM's outputs, "") or (None, the error) for one `LLM.generate` call."""
         try:
             outs = self.llm.generate(
                 [t[1] for t in todo],
@@ -192,28 +223,63 @@ class VLLMEngine:
             )
         except Exception as exc:
             self._abort_unfinished()  # else they stay queued and the next call never returns
-            if len(todo) == 1:
-                i = todo[0][0]
-                log.error("vllm: request %s failed: %s", requests[i].id, exc)
-                return {
-                    i: error_completion(
-                        requests[i],
-                        f"{type(exc).__name__}: {exc}",
-                        len(todo[0][1]["prompt_token_ids"]),
-                    )
-                }
-            log.warning("vllm: batch of %d failed (%s); retrying in halves", len(todo), exc)
-            half = len(todo) // 2  # a few bad requests cost O(log n) calls, not n
-            return {**self._run(todo[:half], requests), **self._run(todo[half:], requests)}
+            return None, f"{type(exc).__name__}: {exc}"
+        return outs, ""
+
+    def _isolate(
+        self, todo: list[Todo], error: str, requests: list[Request]
+    ) -> dict[int, Completion]:
+        """A failed batch, retried in halves so only its bad requests fail (O(log n) calls).
+
+        When both halves fail with the batch's own error, the error is the engine's, not a
+        request's: every request is recorded as failed with it at once (logged as an error)
+        instead of being halved down to single requests.
+        """
+        if len(todo) == 1:
+            log.error("vllm: request %s failed: %s", requests[todo[0][0]].id, error)
+            return self._failed(todo, error, requests)
+        half = len(todo) // 2
+        parts = [todo[:half], todo[half:]]
+        attempts = [self._attempt(part) for part in parts]
+        if all(outs is None and e == error for outs, e in attempts):
+            log.error(
+                "vllm: every part of a batch of %d fails with the same error, an engine error "
+                "rather than a bad request; all are recorded as failed: %s",
+                len(todo),
+                error,
+            )
+            return self._failed(todo, f"engine error: {error}", requests)
+        log.warning("vllm: batch of %d failed (%s); retried in halves", len(todo), error)
         result: dict[int, Completion] = {}
+        for part, (outs, e) in zip(parts, attempts):
+            if outs is None:
+                result.update(self._isolate(part, e, requests))
+            else:
+                result.update(self._completions(part, outs, requests))
+        return result
+
+    @staticmethod
+    def _failed(todo: list[Todo], error: str, requests: list[Request]) -> dict[int, Completion]:
+        return {
+            t[0]: error_completion(requests[t[0]], error, len(t[1]["prompt_token_ids"]))
+            for t in todo
+        }
+
+    def _completions(
+        self, todo: list[Todo], outs: Any, requests: list[Request]
+    ) -> dict[int, Completion]:
+        result: dict[int, Completion] = {}
+        split = splits_reasoning(self.model_cfg)
         for (i, _, _, _), out in zip(todo, outs):
             o = out.outputs[0]
+            text, reasoning = split_reasoning(o.text) if split else (o.text, "")
             result[i] = Completion(
                 id=requests[i].id,
-                text=o.text,
+                text=text,
                 prompt_tokens=len(out.prompt_token_ids or []),
                 completion_tokens=len(o.token_ids),
                 finish_reason=o.finish_reason or "length",
+                reasoning=reasoning,
             )
         return result
 
@@ -231,7 +297,10 @@ class VLLMEngine:
 
     def _prompt_ids(self, req: Request) -> list[int]:
         messages = fold_system(req.messages, self.model_cfg.system_role)
-        return chat_prompt_ids(self.tokenizer, messages)  # contents stay plain text
+        if self.blank_system:
+            messages = blank_system(messages)
+        # contents stay plain text; template_kwargs e.g. enable_thinking
+        return chat_prompt_ids(self.tokenizer, messages, **self.template_kwargs)
 
     def _params(self, req: Request, room: int) -> Any:
         from vllm import SamplingParams

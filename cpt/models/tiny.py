@@ -1,7 +1,7 @@
 """Tiny random Llama-style models, built locally and deterministically (no model hub).
 
-They are the default teacher, judge and student of the local debug mode, and the models
-of the test suite. Widths are multiples of 64 (bitsandbytes 4-bit blocks) and the head
+They are the models of the fast tests (seconds per pipeline; the local default is the real
+SmolLM2-135M, `cpt.models.smollm2`). Widths are multiples of 64 (bitsandbytes 4-bit blocks) and the head
 size is 32 (vLLM's CPU attention rejects 16).
 
     tiny        ChatML template with a system role
@@ -13,15 +13,11 @@ Build: ``python -m cpt.models.tiny [variant ...]`` prints the folder(s).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cpt.models.cache import build_once, cache_root
 from cpt.store import content_hash, file_sha256
 
 BUILDER_VERSION = 2  # bump when the recipe below changes, so caches are rebuilt
@@ -73,10 +69,6 @@ def library_versions(names: tuple[str, ...] = SHAPING_LIBRARIES) -> dict[str, st
     return {name: metadata.version(name) for name in names}
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("CPT_CACHE_DIR", Path.home() / ".cache" / "cpt")) / "models"
-
-
 def tiny_model_dir(variant: str = "tiny", cache_dir: str | Path | None = None) -> Path:
     """Folder of the tiny model ``variant``, built on first use (safe under concurrency)."""
     if variant not in VARIANTS:
@@ -92,21 +84,7 @@ def tiny_model_dir(variant: str = "tiny", cache_dir: str | Path | None = None) -
         12,
     )
     root = Path(cache_dir) if cache_dir else cache_root()
-    target = root / f"{variant}-{key}"
-    if (target / "model.safetensors").exists():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{variant}-{key}.lock", "w") as lock:
-        fcntl.lockf(lock, fcntl.LOCK_EX)  # one builder; the others wait, then reuse
-        if not (target / "model.safetensors").exists():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{variant}-", dir=root))
-            try:
-                _build(spec, tmp)
-                os.replace(tmp, target)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    shutil.rmtree(tmp)
-    return target
+    return build_once(root / f"{variant}-{key}", lambda out: _build(spec, out), "model.safetensors")
 
 
 def _build_tokenizer(spec: TinySpec):
@@ -163,13 +141,6 @@ def _build(spec: TinySpec, out: Path) -> None:
         eos_token_id=eos, pad_token_id=pad, bos_token_id=eos, do_sample=False
     )
     model.save_pretrained(out, safe_serialization=True)
-
-
-def resolve_model_path(path: str) -> str:
-    """`builtin:<variant>` -> the built folder; anything else unchanged."""
-    if path.startswith("builtin:"):
-        return str(tiny_model_dir(path.removeprefix("builtin:")))
-    return path
 
 
 if __name__ == "__main__":

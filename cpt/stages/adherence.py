@@ -16,7 +16,7 @@ from cpt import store
 from cpt.config import CptConfig, JudgingConfig
 from cpt.generation import JudgeFactory, run_rows
 from cpt.graph import StageContext, StageSpec
-from cpt.judge import JUDGE_KEY, condition_parts, judge_grid
+from cpt.judge import JUDGE_KEY, TRUNCATED, condition_parts, judge_grid
 from cpt.parallel import n_shards
 from cpt.prompts import generation_rows, load_selected_rubrics
 
@@ -46,7 +46,10 @@ def work_grid(
             return [(name, "") for name in singles]
         return condition_parts(g)
 
-    return judge_grid(cfg, tasks, gens, "adh", parts, lambda g: {"kind": g["kind"]}, nonce_key)
+    meta = lambda g: {"kind": g["kind"]}  # noqa: E731
+    return judge_grid(
+        cfg, tasks, gens, "adh", parts, meta, nonce_key, cfg.adherence.judge_truncated
+    )
 
 
 def table2(cfg: CptConfig, rows: list[dict]) -> pa.Table:
@@ -58,9 +61,13 @@ def table2(cfg: CptConfig, rows: list[dict]) -> pa.Table:
     columns = ["no_rubric", *cfg.levels.names]
     cells: dict[tuple[str, str], list[float]] = {}
     failures: dict[str, int] = {}
+    truncated: dict[str, int] = {}  # generations cut at max_new_tokens: not judged
     for r in rows:
         col = "no_rubric" if r["kind"] == "no_rubric" else r["part_level"]
         key = (r["part_rubric"], col)
+        if r.get("error") == TRUNCATED:  # not judged (adherence.judge_truncated off)
+            truncated[r["part_rubric"]] = truncated.get(r["part_rubric"], 0) + 1
+            continue
         if not r["ok"]:
             failures[r["part_rubric"]] = failures.get(r["part_rubric"], 0) + 1
             continue
@@ -68,6 +75,7 @@ def table2(cfg: CptConfig, rows: list[dict]) -> pa.Table:
         cells.setdefault(("ALL", col), []).append(r["score"])
     names = [*sorted({r["part_rubric"] for r in rows}), "ALL"]
     failures["ALL"] = sum(failures.values())
+    truncated["ALL"] = sum(truncated.values())
 
     def mean(xs: list[float] | None) -> float | None:
         return round(sum(xs) / len(xs), 2) if xs else None
@@ -77,6 +85,7 @@ def table2(cfg: CptConfig, rows: list[dict]) -> pa.Table:
         data[col] = [mean(cells.get((n, col))) for n in names]
         data[f"n_{col}"] = [len(cells.get((n, col), [])) for n in names]
     data["judge_failures"] = [failures.get(n, 0) for n in names]
+    data["truncated"] = [truncated.get(n, 0) for n in names]
     return pa.table(data)
 
 
@@ -85,15 +94,15 @@ def table2_markdown(table: pa.Table, levels: list[str]) -> str:
     head = (
         "| teacher | rubric | "
         + " | ".join(c.replace("_", " ") for c in cols)
-        + " | judge failures |"
+        + " | judge failures | truncated (not judged) |"
     )
-    lines = [head, "|" + "---|" * (len(cols) + 3)]
+    lines = [head, "|" + "---|" * (len(cols) + 4)]
     for row in table.to_pylist():
         vals = ["-" if row[c] is None else f"{row[c]:.1f} (n={row['n_' + c]})" for c in cols]
         lines.append(
             f"| {row['teacher']} | {row['rubric']} | "
             + " | ".join(vals)
-            + f" | {row['judge_failures']} |"
+            + f" | {row['judge_failures']} | {row['truncated']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -116,7 +125,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     t2 = table2(cfg, store.read_shards(ctx.out_dir, stats.n_shards).to_pylist())
     store.atomic_write_parquet(ctx.out_dir / "table2.parquet", t2)
     store.atomic_write_text(ctx.out_dir / "table2.md", table2_markdown(t2, cfg.levels.names))
-    return {**stats.as_dict(), "judge_failures": stats.failures}
+    truncated = sum(g["finish_reason"] == "length" for g in gens)
+    return {**stats.as_dict(), "judge_failures": stats.failures, "truncated_generations": truncated}
 
 
 def plan(cfg: CptConfig) -> dict[str, Any]:

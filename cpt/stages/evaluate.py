@@ -194,6 +194,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "generation_ok": g["ok"],
         },
         store.secret_file(ctx.out_dir / JUDGE_KEY),  # delimiter nonces: secret, resumable
+        cfg.evaluate.judge_truncated,
     )
     stats = _judge(cfg, cfg.judge, judge_rows, ctx.out_dir, f"judge {cfg.judge.name}")
     extra = {
@@ -215,6 +216,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "judge_failures": stats.failures,
         "responses": gen_stats,
         "panel": {name: s.as_dict() for name, s in extra.items()},
+        "truncated_responses": sum(r["finish_reason"] == "length" for r in responses),
         "agreement": agree_stats.as_dict(),
         "agreement_temperature": again.sampling.temperature,
         "adapter": adapter,

@@ -98,6 +98,9 @@ def build_pairs(
         if not g["ok"] or not (g["text"] or "").strip():
             stats["dropped_failed_generation"] += 1
             continue
+        if g.get("finish_reason") == "length" and not cfg.pairs.keep_truncated:
+            stats["dropped_truncated_generation"] += 1  # cut at max_new_tokens: incomplete
+            continue
         groups.setdefault((g["task_id"], g["rubric"], g["sample_idx"]), []).append(g)
     rows = []
     for (task_id, rubric, sample_idx), members in sorted(groups.items()):
@@ -206,7 +209,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     tasks = store.read_table(ctx.inputs["tasks"]).to_pylist()
     gens = store.read_table(
         ctx.inputs["generate"],
-        ["id", "task_id", "rubric", "level", "sample_idx", "kind", "text", "ok"],
+        ["id", "task_id", "rubric", "level", "sample_idx", "kind", "text", "ok", "finish_reason"],
     ).to_pylist()
     sysprompts, fallbacks = load_system_prompts(cfg, ctx.inputs["sysprompts"])
     scores = None

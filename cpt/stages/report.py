@@ -17,6 +17,7 @@ from cpt import metrics, report, store
 from cpt import plots as plots_mod
 from cpt.config import CptConfig
 from cpt.graph import StageContext, StageSpec
+from cpt.judge import TRUNCATED
 from cpt.stages import STAGES
 
 
@@ -47,12 +48,18 @@ def _student_info(d: Path, m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _not_truncated(rows: pd.DataFrame) -> pd.DataFrame:
+    """Responses cut at max_new_tokens were not judged: they stay out of the metrics."""
+    return rows[rows["error"] != TRUNCATED] if "error" in rows else rows
+
+
 def _judged(d: Path, m: dict[str, Any], info: dict[str, Any]) -> pd.DataFrame:
     """Every judgement of one evaluation: the main judge's, then each panel judge's."""
-    frames = [report.judged_frame(store.read_table(d).to_pandas(), info["judges"][0])]
+    main = _not_truncated(store.read_table(d).to_pandas())
+    frames = [report.judged_frame(main, info["judges"][0])]
     for name, meta in m.get("panel", {}).items():
         rows = store.read_shards(d / "panel" / name, meta["n_shards"]).to_pandas()
-        frames.append(report.judged_frame(rows, name))
+        frames.append(report.judged_frame(_not_truncated(rows), name))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -61,12 +68,17 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir).absolute()
     scale = cfg.levels.scale
     frames, infos, agreements, gen_failures = [], {}, {}, {}
+    truncated: dict[str, dict[str, int]] = {}  # student -> model -> responses not judged
     for d in finished(run_dir, "evaluate"):
         m = store.read_json(d / "manifest.json")
         student = m["config"]["student"]["name"]
         infos[student] = info = _student_info(d, m)
         frames.append(_judged(d, m, info))
-        gen_failures[student] = report.generation_failures(store.read_table(d).to_pandas())
+        rows = store.read_table(d).to_pandas()
+        if "error" in rows and (rows["error"] == TRUNCATED).any():
+            cut = rows[rows["error"] == TRUNCATED]
+            truncated[student] = cut.groupby("model").size().to_dict()
+        gen_failures[student] = report.generation_failures(_not_truncated(rows))
         n_agree = m.get("agreement", {}).get("n_shards", 0)
         if n_agree:
             again = store.read_shards(d / "agreement", n_agree).to_pandas()
@@ -284,6 +296,16 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
             for s, by in sorted(gen_failures.items())
         ],
         "",
+        "## Truncated responses (cut at max_new_tokens: not judged, not in the metrics)",
+        "",
+        *(
+            [
+                f"- {s}: " + ", ".join(f"{m} {n}" for m, n in by.items())
+                for s, by in truncated.items()
+            ]
+            or ["none"]
+        ),
+        "",
         "## Judge self-agreement",
         "",
         report.agreement_heading(infos),
@@ -315,6 +337,7 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         "headline": report.headline(summaries, tasks),
         "report": str(out / "report.md"),
         "generation_failures": gen_failures,
+        "truncated_responses": truncated,
     }
 
 
