@@ -8,7 +8,7 @@ re-rendered without recomputing anything: sizes and time per stage, the teacher'
 level (the data CPT learns from), the pairs the adherence filter kept, the training curve, the
 held-out preference accuracy, base → CPT accuracy / τ / ρ with 95 % CIs, and the words per
 requested level before and after. `--write` replaces the experiments section of RESULTS.md
-(from `benchmarks.run.EXPERIMENTS_MARK` on); `python -m benchmarks` keeps it.
+(its `## Experiments` heading); `python -m benchmarks` keeps it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks import md_table
-from benchmarks.run import EXPERIMENTS_MARK, HERE
+from benchmarks.run import EXPERIMENTS, HERE
 from cpt import program_judges, store
 
 STAGES = ("tasks", "generate", "sysprompts", "adherence", "pairs", "train", "evaluate", "report")
@@ -192,11 +192,16 @@ def summary(run: Path) -> str:
 
 
 def write_section(text: str, title: str, path: Path = HERE / "RESULTS.md") -> None:
-    """Replace the experiments section of RESULTS.md with `title` + `text`."""
+    """Replace the experiments section of RESULTS.md (or append one) with `title` + `text`."""
     old = path.read_text(encoding="utf-8") if path.exists() else ""
-    head = old[: old.index(EXPERIMENTS_MARK)] if EXPERIMENTS_MARK in old else old + "\n"
-    section = [EXPERIMENTS_MARK, "", "## Experiments", "", f"### {title}", "", text, ""]
-    path.write_text(head + "\n".join(section), encoding="utf-8")
+    section = "\n".join([EXPERIMENTS, "", f"### {title}", "", text, ""])
+    start = old.find(f"\n{EXPERIMENTS}\n")
+    if start < 0:
+        path.write_text(old.rstrip("\n") + "\n\n" + section, encoding="utf-8")
+        return
+    end = old.find("\n## ", start + 1)
+    rest = old[end + 1 :] if end >= 0 else ""
+    path.write_text(old[: start + 1] + section + ("\n" + rest if rest else ""), encoding="utf-8")
 
 
 def main() -> None:

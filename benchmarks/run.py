@@ -108,14 +108,19 @@ def summary_table(records: list[dict]) -> str:
     return md_table(["benchmark", "status", "seconds", "targets met", "figures"], rows)
 
 
-EXPERIMENTS_MARK = "<!-- experiments: kept when the benchmarks rewrite this file -->"
+EXPERIMENTS = "## Experiments"
 
 
 def kept_experiments(path: Path) -> list[str]:
-    """The experiments section of an existing RESULTS.md (from `EXPERIMENTS_MARK` on): the
-    record of long runs (benchmarks/experiments.md) that `python -m benchmarks` does not redo."""
+    """The experiments section of an existing RESULTS.md (its `## Experiments` heading up to
+    the next `## ` heading): the record of long runs (benchmarks/experiments.md) that
+    `python -m benchmarks` does not redo."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    return ["", text[text.index(EXPERIMENTS_MARK) :].rstrip()] if EXPERIMENTS_MARK in text else []
+    start = text.find(f"\n{EXPERIMENTS}\n")
+    if start < 0:
+        return []
+    end = text.find("\n## ", start + 1)
+    return ["", text[start + 1 : end if end >= 0 else len(text)].rstrip()]
 
 
 def write_results(
@@ -186,8 +191,11 @@ def write_results(
     lines.append(
         f"benchmarks: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
     )
-    lines += kept_experiments(path)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from benchmarks.gpu_check import kept_section  # measured on a GPU machine: keep it
+
+    gpu = kept_section(path)
+    lines += kept_experiments(path)  # long runs (benchmarks/experiments.md): keep them too
+    path.write_text("\n".join(lines) + "\n" + (f"\n{gpu}" if gpu else ""), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

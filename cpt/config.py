@@ -23,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cpt.importers import DataSource, PairColumns
 from cpt.levels import LevelScale
 from cpt.stages import STAGES
 from cpt.store import REPO_ROOT
@@ -130,6 +131,8 @@ class ModelConfig:
         Python function (`cpt.program_judges`) instead of a model; `path` is then unused.
     program (`str`): with `kind: program`, the program for every rubric; empty = each
         rubric's own (the program registered under the rubric's name).
+    paper_id (`str`): the hub id of the paper's base model this model stands for, so the
+        report finds its row of the paper's Table 3 when `path` is a local copy.
     """
 
     name: str = MISSING
@@ -149,6 +152,7 @@ class ModelConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     kind: ModelKind = ModelKind.model
     program: str = ""
+    paper_id: str = ""
 
     def __post_init__(self) -> None:
         check(bool(self.name.strip()), "model.name", "must not be empty")
@@ -312,6 +316,7 @@ class PromptsConfig:
 
     name: str = "default"
     teacher: str = MISSING
+    teacher_target: str = MISSING  # per rubric: {{level}}, {{qualifier}}, optional {{band}}
     teacher_no_rubric: str = MISSING
     summarizer: str = MISSING
     judge_system: str = MISSING
@@ -355,7 +360,7 @@ class ClusterConfig:
 
     Parameters:
     partition, account, qos (`str`): sbatch flags of every stage job (unset = site default).
-    gpus_per_node (`int`): GPUs of a GPU stage job (generate, adherence, train, evaluate...).
+    gpus_per_node (`int`): GPUs per node: the most a stage job asks for on one node.
     cpus_per_task (`int`): CPUs per GPU of a GPU stage job (its one task gets this x GPUs),
         or of a CPU-only job (tasks, pairs, report).
     mem_gb (`int`): memory per node of a stage job.
@@ -371,6 +376,10 @@ class ClusterConfig:
     cpu_partition (`str`): partition of CPU-only stage jobs (unset = partition).
     cpu_mem_gb (`int`): memory of CPU-only stage jobs (0 = mem_gb).
     additional_parameters (`dict`): extra sbatch flags of every stage job, e.g. {reservation: x}.
+    stage_time_min (`dict`): per-stage time limits overriding time_min, e.g. {sysprompts: 60}.
+
+    A stage job's GPUs come from what it runs (`cpt.graph.stage_size`): replicas x model.gpus
+    for generation and judging, train.gpus x train.nodes for training, none for CPU stages.
     """
 
     name: str = "local"
@@ -389,6 +398,7 @@ class ClusterConfig:
     cpu_partition: str | None = None
     cpu_mem_gb: int = 0
     additional_parameters: dict[str, Any] = field(default_factory=dict)
+    stage_time_min: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key, low in [
@@ -398,6 +408,13 @@ class ClusterConfig:
         ]:
             value = getattr(self, key)
             check(value >= low, f"cluster.{key}", f"must be >= {low}, got {value}")
+        for stage, minutes in self.stage_time_min.items():
+            check(
+                stage in STAGES,
+                f"cluster.stage_time_min.{stage}",
+                f"unknown stage (stages: {', '.join(STAGES)})",
+            )
+            check(minutes >= 1, f"cluster.stage_time_min.{stage}", f"must be >= 1, got {minutes}")
 
 
 @dataclass
@@ -474,12 +491,19 @@ class PairsConfig:
         ordered its two responses as their levels intend.
     min_margin (`float`, defaults to `0.0`): with `filter`, the score gap (0-100 points) the
         higher-level response must lead by.
+    source (`DataSource`): import released preference pairs instead of building them (e.g.
+        the paper's `creative-rubrics-preferences`, saved locally): `source.path` = a .jsonl /
+        .parquet file or a `save_to_disk` folder (`source.split`); empty = build from this
+        run's generations. Imported pairs are split by task with `tasks.test_fraction`.
+    columns (`PairColumns`): the file's column names (prompt, chosen, rejected, system, ...).
     keep_truncated (`bool`, defaults to `False`): also pair responses cut at the teacher's
         `max_new_tokens` (finish_reason "length"); by default they are left out and counted.
     """
 
     filter: bool = False
     min_margin: float = 0.0
+    source: DataSource = field(default_factory=DataSource)
+    columns: PairColumns = field(default_factory=PairColumns)
     keep_truncated: bool = False
 
     def __post_init__(self) -> None:
@@ -500,6 +524,12 @@ class EvaluateConfig:
     shard_size (`int`, defaults to `32`): rows per shard (responses and judgements).
     agreement_fraction (`float`, defaults to `0.25`): share of judgements repeated with
         another sampling seed; the report shows how often the judge agrees with itself.
+    agreement_temperature (`float` or None, defaults to None): the judge's temperature for
+        those repeats; None keeps the judge's own. At 0 (greedy judges) the repeat is a
+        determinism check, and the report says so.
+    tuned (`str`, defaults to `""`): evaluate this CPT model instead of training one: a PEFT
+        adapter folder (applied to the student) or a full checkpoint (a folder or hub id,
+        e.g. the paper's released models); the student is the baseline. No train stage runs.
     judge_truncated (`bool`, defaults to `False`): also judge responses cut at the student's
         `max_new_tokens`; by default they are not judged, left out of the metrics and counted.
     """
@@ -509,6 +539,8 @@ class EvaluateConfig:
     judge_max_attempts: int = 3
     shard_size: int = 32
     agreement_fraction: float = 0.25
+    agreement_temperature: float | None = None
+    tuned: str = ""
     judge_truncated: bool = False
 
     def __post_init__(self) -> None:
@@ -549,6 +581,15 @@ class TrainConfig:
     warmup 10 %, 8-bit AdamW. Where a default departs from it, the field says why.
 
     Parameters:
+        > The recipe
+
+        name (`str`, defaults to `"custom"`): the preset's name (conf/train/<name>.yaml), shown
+            by `plan=true` and in the report. `auto` (the default preset) is replaced at launch
+            by `gpu_recipe` when the student trains on a GPU (CUDA here, or a cluster profile
+            with GPUs), else by `cpu_recipe`; the launch says which and why.
+        gpu_recipe (`str`, defaults to `"paper"`): the preset `auto` picks with a GPU.
+        cpu_recipe (`str`, defaults to `"tiny"`): the preset `auto` picks without one.
+
         > LoRA
 
         lora_r (`int`, defaults to `16`): adapter rank (reference recipe). Higher fits more and costs
@@ -611,8 +652,19 @@ class TrainConfig:
             the last two are kept. Smaller = less work lost on preemption, more disk writes.
         logging_steps (`int`, defaults to `1`): log (and write to metrics.parquet) every N
             optimizer steps (TRL's default is 10).
+
+        > Ranks (a Slurm train job; a local run trains in its one process)
+
+        gpus (`int`, defaults to `1`): GPUs per node of the train job, one task (rank) each;
+            DeepSpeed/DDP world size = gpus x nodes. On a profile without GPUs
+            (`cluster.gpus_per_node: 0`) the ranks run on CPUs (gloo). The effective batch is
+            per_device_batch_size x grad_accum x ranks: halve grad_accum when doubling ranks.
+        nodes (`int`, defaults to `1`): nodes of the train job.
     """
 
+    name: str = "custom"
+    gpu_recipe: str = "paper"
+    cpu_recipe: str = "tiny"
     lora_r: int = 16
     lora_alpha: float = 16
     lora_dropout: float = 0.0
@@ -633,6 +685,8 @@ class TrainConfig:
     seed: int = 0
     precompute_ref_log_probs: bool = False
     logging_steps: int = 1
+    gpus: int = 1
+    nodes: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -693,6 +747,8 @@ class TrainConfig:
         need(self.save_steps >= 1, f"train.save_steps must be >= 1, got {self.save_steps}")
         need(self.logging_steps >= 1, f"train.logging_steps must be >= 1, got {self.logging_steps}")
         need(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        need(self.gpus >= 0, f"train.gpus must be >= 0, got {self.gpus}")
+        need(self.nodes >= 1, f"train.nodes must be >= 1, got {self.nodes}")
         if len(problems) == 1:
             raise ConfigError(problems[0])
         if problems:
@@ -716,6 +772,7 @@ class CptConfig:
     secrets_env: list[str] = field(default_factory=list)
     teacher: ModelConfig = MISSING
     judge: ModelConfig = MISSING
+    judges: dict[str, ModelConfig] = field(default_factory=dict)
     student: ModelConfig = MISSING
     engine: EngineConfig = field(default_factory=EngineConfig)
     rubrics: RubricsConfig = field(default_factory=RubricsConfig)
@@ -763,6 +820,52 @@ def to_config(cfg: DictConfig | CptConfig) -> CptConfig:
         key = getattr(exc, "full_key", None)
         msg = str(exc).splitlines()[0]
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
+
+
+def trains_on_gpu(cfg: CptConfig) -> tuple[bool, str]:
+    """Whether the train stage will have a GPU, and why we think so."""
+    if cfg.cluster.name != "local":
+        gpus = cfg.cluster.gpus_per_node
+        return gpus > 0, f"cluster profile {cfg.cluster.name!r} gives {gpus} GPU(s) per job"
+    import torch
+
+    if torch.cuda.is_available():
+        return True, f"CUDA GPU found ({torch.cuda.get_device_name(0)})"
+    return False, "no CUDA GPU on this machine"
+
+
+def resolve_recipe(cfg: CptConfig, on_gpu: bool | None = None) -> tuple[CptConfig, str]:
+    """`train=auto` -> the GPU or CPU preset (`train.gpu_recipe` / `train.cpu_recipe`);
+    returns the config and one line saying which recipe trains and why. Any other `train=`
+    is kept as chosen (the line then says so)."""
+    import dataclasses
+
+    why = ""
+    if cfg.train.name == "auto":
+        gpu, why = trains_on_gpu(cfg) if on_gpu is None else (on_gpu, f"GPU={on_gpu} given")
+        preset = cfg.train.gpu_recipe if gpu else cfg.train.cpu_recipe
+        path = REPO_ROOT / "conf" / "train" / f"{preset}.yaml"
+        check(
+            path.is_file(),
+            "train.gpu_recipe" if gpu else "train.cpu_recipe",
+            f"no preset {path} (choose one of conf/train/*.yaml)",
+        )
+        try:  # the structured merge refuses keys TrainConfig does not have
+            node = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
+            node.name = preset
+            train = OmegaConf.to_object(node)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
+        cfg = dataclasses.replace(cfg, train=train)
+        why = f" (train=auto: {why})"
+    elif cfg.train.name != cfg.train.gpu_recipe:
+        gpu, reason = trains_on_gpu(cfg) if on_gpu is None else (on_gpu, "given")
+        if gpu:
+            why = (
+                f" (chosen with train={cfg.train.name} although {reason}; the GPU recipe is "
+                f"train={cfg.train.gpu_recipe})"
+            )
+    return cfg, f"training recipe: {cfg.train.name}{why}"
 
 
 def _looks_local(path: str) -> bool:

@@ -9,13 +9,28 @@ each builds its own engine once.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cpt.config import EngineConfig, ModelConfig, ParallelConfig
-from cpt.engines.base import Request, Sampling
+from cpt.engines.base import Engine, Request, Sampling
 from cpt.parallel import Resources, Row, RunStats, WorkerFactory, run_sharded
 
 _WORK_KEYS = ("id", "seed", "adapter")  # the rest (prompt messages too) passes through
+
+
+@dataclass
+class EngineWorker:
+    """A worker that owns its engine: `close()` frees the model when the stage ends."""
+
+    engine: Engine
+    work: Callable[[list[Row]], list[Row]]
+
+    def __call__(self, rows: list[Row]) -> list[Row]:
+        return self.work(rows)
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 def sampling_of(model: ModelConfig, seed: int) -> Sampling:
@@ -62,7 +77,7 @@ class GenerateFactory:
                 for r, o in zip(rows, outs)
             ]
 
-        return work
+        return EngineWorker(engine, work)
 
 
 @dataclass(frozen=True)
@@ -108,7 +123,7 @@ class JudgeFactory:
                 for r, v in zip(rows, verdicts)
             ]
 
-        return work
+        return EngineWorker(engine, work)
 
 
 def run_rows(

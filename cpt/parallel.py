@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cpt import store
+from cpt.replicas import ReplicaPool, Resources, init_ray, replica_count
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,11 @@ WAIT_S = 5.0  # how often the driver checks that the Ray head still answers
 HEAD_LOST_S = 20.0  # then it stops, before Ray's own 60 s limit ends it without a word
 
 
+CPU_ONLY = Resources()  # one CPU per replica, no GPU
+
+
 class RaySessionLost(store.StoreError):
     """The Ray cluster (its head) went away under a running stage."""
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What one worker replica reserves in Ray."""
-
-    cpus: float = 1.0
-    gpus: int = 0  # GPUs per replica (tensor parallel size for vLLM)
 
 
 @dataclass
@@ -214,7 +210,7 @@ def run_sharded(
     *,
     backend: str = "ray",
     replicas: int = 1,
-    resources: Resources = Resources(),
+    resources: Resources = CPU_ONLY,
     ray_address: str = "",
     ray_num_cpus: int = 0,
     log_every_s: float = 30.0,
@@ -248,14 +244,19 @@ def run_sharded(
         try:
             if backend == "inline":
                 worker = factory()
-                for i in todo:
-                    if should_stop and should_stop():
-                        break
-                    receipt = process_shard(worker, out_dir, i, payload[i], part_rows, should_stop)
-                    if receipt is None:  # stopped between two parts
-                        break
-                    done[i] = receipt
-                    progress.update(receipt)
+                try:
+                    for i in todo:
+                        if should_stop and should_stop():
+                            break
+                        receipt = process_shard(
+                            worker, out_dir, i, payload[i], part_rows, should_stop
+                        )
+                        if receipt is None:  # stopped between two parts
+                            break
+                        done[i] = receipt
+                        progress.update(receipt)
+                finally:  # the next stage may need the GPU memory this engine holds
+                    close_worker(worker)
             else:
                 retried = _run_ray(
                     payload,
@@ -294,28 +295,6 @@ def run_sharded(
     )
 
 
-def init_ray(address: str = "", num_cpus: int = 0) -> None:
-    """Join `address` (a cluster) or start a local Ray; no dashboard, quiet."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    kwargs: dict[str, Any] = {
-        "include_dashboard": False,
-        "log_to_driver": True,
-        "ignore_reinit_error": True,
-    }
-    if address:
-        kwargs["address"] = address
-    else:
-        kwargs["num_cpus"] = num_cpus or os.cpu_count()
-        # Ray starts workers at nice 15; in a local run the actors are the work, and at nice 15
-        # they got ~1/28 of a CPU against any busy process (a real-model stage: 30 min, not 2)
-        os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(**kwargs)
-
-
 def _make_actor_class():
     import ray
 
@@ -327,27 +306,17 @@ def _make_actor_class():
         def run(self, out_dir: str, index: int, rows: list[Row], part_rows: int) -> dict | None:
             return process_shard(self.worker, Path(out_dir), index, rows, part_rows)
 
+        def close(self) -> None:
+            close_worker(self.worker)
+
     return ShardActor
 
 
-def _actor_options(resources: Resources) -> dict[str, Any]:
-    """One placement group per replica: all of a replica's GPUs (tensor parallel) on one node."""
-    if resources.gpus <= 0:
-        return {"num_cpus": resources.cpus}
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    bundles = [{"GPU": 1, "CPU": resources.cpus}] + [{"GPU": 1}] * (resources.gpus - 1)
-    pg = placement_group(bundles, strategy="STRICT_PACK")
-    return {
-        "num_cpus": resources.cpus,
-        "num_gpus": 1 if resources.gpus == 1 else 0,
-        "scheduling_strategy": PlacementGroupSchedulingStrategy(
-            placement_group=pg,
-            placement_group_bundle_index=0,
-            placement_group_capture_child_tasks=True,
-        ),
-    }
+def close_worker(worker: Worker) -> None:
+    """Free what a worker holds (its engine's model, GPU memory) if it can say so."""
+    close = getattr(worker, "close", None)
+    if callable(close):
+        close()
 
 
 def _run_ray(
@@ -368,23 +337,13 @@ def _run_ray(
     from ray.exceptions import RayActorError
 
     init_ray(address, num_cpus)
-    if replicas <= 0:  # as many as the cluster's resources allow
-        avail = ray.cluster_resources()
-        by = (
-            (avail.get("GPU", 0) // resources.gpus)
-            if resources.gpus
-            else (avail.get("CPU", 1) // resources.cpus)
-        )
-        replicas = max(1, int(by))
-    replicas = min(replicas, len(payload))
-    actor_cls = _make_actor_class()
-    actors = [
-        actor_cls.options(**_actor_options(resources)).remote(factory) for _ in range(replicas)
-    ]
+    label = progress.label
+    pool = ReplicaPool(_make_actor_class(), factory, resources, label)
     queue = sorted(payload)
     attempts = dict.fromkeys(payload, 0)
     in_flight: dict[Any, tuple[Any, int]] = {}
     retried = 0
+    finished = False
 
     def dispatch(actor: Any) -> None:
         if queue and not (should_stop and should_stop()):
@@ -394,7 +353,11 @@ def _run_ray(
 
     watch = HeadWatch(ray.get_runtime_context().gcs_address, str(out_dir), done)
     try:
-        for actor in actors:
+        n = replica_count(replicas, resources, len(payload), address)
+        log.info(
+            "%s: %d replica(s), %s GPU and %s CPU each", label, n, resources.gpus, resources.cpus
+        )
+        for actor in pool.start(n):
             dispatch(actor)
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=WAIT_S)
@@ -418,7 +381,6 @@ def _run_ray(
                     i,
                     str(exc).splitlines()[0],
                 )
-                actors.remove(actor)
                 if attempts[i] >= MAX_SHARD_ATTEMPTS:
                     raise store.StoreError(
                         f"{out_dir}: shard {i} failed {attempts[i]} times "
@@ -426,17 +388,15 @@ def _run_ray(
                     ) from exc
                 retried += 1
                 queue.insert(0, i)
-                replacement = actor_cls.options(**_actor_options(resources)).remote(factory)
-                actors.append(replacement)
-                dispatch(replacement)
+                dispatch(pool.replace(actor))
+        finished = True
     finally:
         watch.stop.set()
         if watch.lost.is_set():  # nobody to talk to: leave without Ray's own time-out
             with contextlib.suppress(Exception):
                 ray.shutdown()
-        else:
-            for actor in actors:
-                ray.kill(actor)
+        else:  # actors and their placement groups go: the next stage finds the GPUs free
+            pool.close(graceful=finished)
     return retried
 
 

@@ -21,9 +21,19 @@ from typing import Any
 from cpt import store
 from cpt.commands.check import run_check
 from cpt.commands.status import print_status
-from cpt.config import ConfigError, CptConfig, StageName, validate
-from cpt.graph import Node, RunPlan, StageContext, StageSpec, format_work
+from cpt.config import ConfigError, CptConfig, StageName, resolve_recipe, validate
+from cpt.graph import (
+    TRAIN,
+    Node,
+    RunPlan,
+    StageContext,
+    StageSpec,
+    format_work,
+    profile_problems,
+    replica_gpus,
+)
 from cpt.graph import resolve as resolve_graph
+from cpt.replicas import check_gpus
 from cpt.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -41,8 +51,9 @@ def stage_specs() -> dict[str, StageSpec]:
 
 
 def resolve(cfg: CptConfig) -> RunPlan:
-    """The plan of one launch (every stage's key, folder and done-state, computed once)."""
-    return resolve_graph(cfg, stage_specs())
+    """The plan of one launch (every stage's key, folder and done-state, computed once),
+    with `train=auto` resolved to the recipe this hardware trains with."""
+    return resolve_graph(resolve_recipe(cfg)[0], stage_specs())
 
 
 def stage_dir(cfg: CptConfig, name: str) -> Path:
@@ -133,6 +144,13 @@ def run_stage(cfg: CptConfig, name: str) -> Path:
             "their jobs; see their logs (`stage=status`)"
         )
     inputs = {dep: plan[dep].folder for dep in node.needs if plan[dep].done}
+    if int(os.environ.get("RANK", "0")) > 0:
+        # another rank of a multi-task job (training): it does its share of the work; rank 0
+        # holds the stage's lock, writes the outputs, the manifest and _SUCCESS
+        node.spec.run(
+            StageContext(cfg=cfg, name=name, key=node.key, out_dir=node.folder, inputs=inputs)
+        )
+        return node.folder
     return _run_node(plan, node, inputs)
 
 
@@ -157,18 +175,51 @@ def run(cfg: CptConfig) -> list[Path]:
         return []
     if problems:
         raise ConfigError("; ".join(problems))
-    plan = resolve(cfg)
     if cfg.stage is StageName.status:
-        print_status(plan)
+        print_status(resolve(cfg))
         return []
+    cfg, recipe = resolve_recipe(cfg)
+    plan = resolve(cfg)  # (train=auto is resolved already: the same plan as status's)
+    trains = any(n.name == "train" and not n.done for n in plan.selected_nodes())
+    # models the stages to run serve through engines, e.g. {"teacher"}: checked for GPUs
+    roles = {r for n in plan.selected_nodes() if not n.done for r in n.spec.runs if r != TRAIN}
     if cfg.cluster.name != "local" and not os.environ.get("CPT_STAGE_JOB"):
         from cpt import slurm  # a Slurm profile: one job per stage, chained by afterok
 
+        problems = profile_problems(cfg, roles)
+        if problems:
+            raise ConfigError("; ".join(problems))
         if cfg.plan:
+            print(recipe)  # before the jobs: their last line is the GPU-hours total
             print(slurm.plan_jobs(plan))
             return []
+        if trains:
+            log.info("%s", recipe)
         return [s.out_dir for s in slurm.submit_pipeline(plan, run_stage)]
     if cfg.plan:
+        print(recipe)
         print(plan_text(plan))
         return []
-    return run_plan(plan)
+    # a model asking for more GPUs than there are: an error now, not Ray waiting forever
+    problems = check_gpus(
+        {f"{r}.gpus": replica_gpus(cfg, r) for r in sorted(roles)},
+        cfg.parallel.address if cfg.parallel.backend == "ray" else "",
+    )
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if trains:
+        log.info("%s", recipe)
+    outs = run_plan(plan)
+    if "report" in plan.selected:
+        print(report_summary(plan["report"].folder))
+    return outs
+
+
+def report_summary(folder: Path) -> str:
+    """The last lines of a run: where the report is and its Table 3 numbers."""
+    manifest = store.read_json(folder / "manifest.json")
+    lines = [f"report: {manifest.get('report', folder / 'report.md')}"]
+    lines += [f"  {line}" for line in manifest.get("headline", [])]
+    if len(lines) == 1:
+        lines.append("  (no finished evaluation yet)")
+    return "\n".join(lines)

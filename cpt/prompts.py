@@ -125,6 +125,15 @@ def conditions(cfg: CptConfig) -> list[Condition]:
     return out
 
 
+def generation_rows(cfg: CptConfig) -> int | None:
+    """At most this many teacher generations (hence judgements) in the grid; None when every
+    task is used (`tasks.num_tasks=0`: the count is known only once the tasks are read)."""
+    if not cfg.tasks.num_tasks:
+        return None
+    per_task = len(conditions(cfg)) + int(cfg.generate.no_rubric)
+    return per_task * cfg.generate.samples * cfg.tasks.num_tasks
+
+
 def conditions_fingerprint(cfg: CptConfig) -> list[object]:
     """What the conditions' prompts depend on: names, levels, qualifiers, rubric content."""
     return [
@@ -138,15 +147,27 @@ def conditions_fingerprint(cfg: CptConfig) -> list[object]:
     ]
 
 
-def _rubric_sections(cond: Condition, levels: LevelsConfig, with_target: bool) -> str:
+def target_text(prompts: PromptsConfig, levels: LevelsConfig, level: LevelConfig) -> str:
+    """The teacher's target for one rubric, from `prompts.teacher_target`: placeholders
+    {{level}} (level name), {{qualifier}} (e.g. "extremely high") and {{band}} (the judge's
+    score band, e.g. "92.5-100"; the default template shows it, the paper's does not)."""
+    return fill(
+        prompts.teacher_target,
+        level=level.name,
+        qualifier=level.qualifier,
+        band=levels.scale.band(level.name),
+    )
+
+
+def _rubric_sections(
+    cond: Condition, levels: LevelsConfig, prompts: PromptsConfig | None = None
+) -> str:
+    """Each part's rubric; with `prompts`, followed by its target (teacher_target)."""
     sections = []
     for p in cond.parts:
         text = f'Rubric "{p.rubric.name}": {p.rubric.description}\n\n{p.rubric.to_markdown()}'
-        if with_target:
-            text += (
-                f"\n\nTarget adherence to this rubric: {p.level.qualifier} (a judge's "
-                f"score from 0 to 100 would fall in {levels.scale.band(p.level.name)})."
-            )
+        if prompts is not None:
+            text += "\n\n" + target_text(prompts, levels, p.level)
         sections.append(text)
     return "\n\n".join(sections)
 
@@ -159,7 +180,7 @@ def teacher_messages(
     prompts: PromptsConfig, levels: LevelsConfig, cond: Condition, task: str
 ) -> list[dict[str, str]]:
     """phi(x, R, level): the rubric(s) with their targets, then the task."""
-    text = fill(prompts.teacher, rubrics=_rubric_sections(cond, levels, True), task=task)
+    text = fill(prompts.teacher, rubrics=_rubric_sections(cond, levels, prompts), task=task)
     return [{"role": "user", "content": text}]
 
 
@@ -179,7 +200,7 @@ def summarizer_messages(
     )
     text = fill(
         prompts.summarizer,
-        rubrics=_rubric_sections(cond, levels, False),
+        rubrics=_rubric_sections(cond, levels),
         targets=_targets(cond),
         variant_hint=hint,
     )

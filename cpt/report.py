@@ -7,11 +7,12 @@ and writes `report.md`, `metrics.json` and `plots/*.png` atomically.
 
 from __future__ import annotations
 
-import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cpt import metrics, store
@@ -44,16 +45,20 @@ PAPER_TABLE3: dict[str, dict[str, tuple[float, float]]] = {
         "spearman_rho": (0.92, 0.93),
     },
 }
+# The paper's Table 2: the teacher's mean judge score (0-100) with no rubric, asked for low
+# and for extremely high adherence (METHOD.md).
+PAPER_TABLE2: dict[str, dict[str, float]] = {
+    "DeepSeek-R1": {"no_rubric": 80.1, "low": 14.1, "extremely_high": 96.3},
+    "o3-mini": {"no_rubric": 71.0, "low": 23.1, "extremely_high": 97.9},
+}
 METRICS = ("accuracy", "kendall_tau", "spearman_rho")
 LABELS = {"accuracy": "Acc", "kendall_tau": "Kendall τ", "spearman_rho": "Spearman ρ"}
 
 
-def judged_frame(rows: pd.DataFrame) -> pd.DataFrame:
-    """Evaluation judgements -> the frame `cpt.metrics` expects (one row per rubric part).
-
-    Rows of failed student generations are left out: they were never judged, so they are
-    neither a score nor a judge failure (`generation_failures` counts them)."""
-    if "generation_ok" in rows:
+def judged_frame(rows: pd.DataFrame, judge: str = "judge") -> pd.DataFrame:
+    """Evaluation judgements -> the frame `cpt.metrics` expects (one row per rubric part),
+    with the judge's name and the judged item (response x rubric part) kept for panels."""
+    if "generation_ok" in rows:  # failed generations were never judged (counted apart)
         rows = rows[rows["generation_ok"].fillna(True).astype(bool)]
     return pd.DataFrame(
         {
@@ -65,6 +70,8 @@ def judged_frame(rows: pd.DataFrame) -> pd.DataFrame:
             "score": rows["score"].astype(float),
             "judge_ok": rows["ok"].astype(bool),
             "sample_idx": rows["sample_idx"],
+            "judge": judge,
+            "item": rows["gen_id"].astype(str) + "|" + rows["part_rubric"].astype(str),
         }
     )
 
@@ -77,6 +84,124 @@ def generation_failures(rows: pd.DataFrame) -> dict[str, int]:
     per_model = failed.drop_duplicates("gen_id").groupby("model").size()
     models = sorted(rows["model"].unique())
     return {m: int(per_model.get(m, 0)) for m in models}
+
+
+def panel_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per judged item: the mean score of the judges that judged it; a failure only
+    when every judge of the panel failed on it."""
+    valid = df[df["judge_ok"] & df["score"].notna()]
+    means = valid.groupby("item")["score"].mean()
+    out = df.drop_duplicates("item").drop(columns=["score", "judge_ok"]).copy()
+    out["score"] = out["item"].map(means)
+    out["judge_ok"] = out["score"].notna()
+    out["judge"] = "panel mean"
+    return out.reset_index(drop=True)
+
+
+def score_matrix(df: pd.DataFrame) -> pd.DataFrame:
+    """item x judge -> score (NaN where that judge failed), for `panel_agreement`."""
+    valid = df[df["judge_ok"] & df["score"].notna()]
+    return valid.pivot_table(index="item", columns="judge", values="score", aggfunc="first")
+
+
+def per_judge_summaries(
+    df: pd.DataFrame, scale: metrics.LevelScale, seed: int
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """judge -> model -> summarize() on the first sample of each prompt (no intervals)."""
+    return {
+        judge: student_summary(sub, scale, n_boot=0, seed=seed)
+        for judge, sub in df.groupby("judge", sort=False)
+    }
+
+
+def per_judge_table(by_judge: dict[str, dict[str, dict[str, Any]]]) -> str:
+    lines = [
+        "| judge | judged (base / CPT) | "
+        + " | ".join(f"{LABELS[m]} base → CPT" for m in METRICS)
+        + " | mean score per level (CPT) |",
+        "|---|---|" + "---|" * len(METRICS) + "---|",
+    ]
+    for judge, by_model in by_judge.items():
+        base, cpt = by_model.get("base"), by_model.get("cpt")
+        if cpt is None:
+            continue
+        cells = [f"{fmt(base[m]) if base else '-'} → {fmt(cpt[m])}" for m in METRICS]
+        means = ", ".join(f"{k} {fmt(v, 1)}" for k, v in cpt["mean_score_by_level"].items())
+        lines.append(
+            f"| {judge} | {base['n'] if base else '-'} / {cpt['n']} | "
+            + " | ".join(cells)
+            + f" | {means} |"
+        )
+    return "\n".join(lines)
+
+
+# What each shipped teacher-prompt variant (conf/prompts) tells the teacher about the target.
+TEMPLATE_VARIANTS = {
+    "default": "the target level in words plus the judge's score band, e.g. 92.5-100",
+    "paper": "the target level in words only, as in the paper",
+}
+
+
+def tuned_text(tuned: str) -> str:
+    return f"external, `{tuned}` (no train stage)" if tuned else "base + the adapter trained here"
+
+
+def agreement_heading(infos: dict[str, dict[str, Any]]) -> str:
+    """Says what the repeated judgements measure: with a greedy judge (temperature 0) the
+    same prompt gives the same answer, so it is a determinism check, not agreement."""
+    temps = {
+        i["agreement_temperature"]
+        if i["agreement_temperature"] is not None
+        else i["judge_temperature"]
+        for i in infos.values()
+    }
+    if temps and all(t == 0 for t in temps if t is not None):
+        return (
+            "Determinism check: a share of the judgements repeated with another seed at "
+            "temperature 0 (greedy). Agreement near 1 is expected by construction; it is not "
+            "evidence of a reliable judge (see the judge panel for that; set "
+            "`evaluate.agreement_temperature` > 0 to sample the judge instead)."
+        )
+    shown = ", ".join(f"{t:g}" for t in sorted(t for t in temps if t is not None))
+    return (
+        f"A share of the judgements repeated with another seed at temperature {shown}: how "
+        "often the judge agrees with itself when it samples."
+    )
+
+
+def training_runs(
+    run_dir: Path, dirs: list[Path]
+) -> dict[str, tuple[pd.DataFrame, dict[str, Any]]]:
+    """student -> (its train metrics per logged step, recipe / pairs / steps)."""
+    out = {}
+    for d in dirs:
+        m = store.read_json(d / "manifest.json")
+        conf = m.get("config", {})
+        student = conf.get("student", {}).get("name", d.name)
+        path = d / "metrics.parquet"
+        frame = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+        out[student] = (
+            frame,
+            {
+                "recipe": (conf.get("train") or {}).get("name", "?"),
+                "pairs": m.get("rows", "-"),
+                "steps": m.get("steps", "-"),
+            },
+        )
+    return out
+
+
+def headline(summaries: dict[str, dict[str, dict[str, Any]]], tasks: dict[str, int]) -> list[str]:
+    """One line per student for the console: Table 3's numbers, base -> CPT."""
+    lines = []
+    for student, by_model in sorted(summaries.items()):
+        base, cpt = by_model.get("base"), by_model.get("cpt")
+        if cpt is None:
+            continue
+        cells = [f"{LABELS[m]} {fmt(base[m]) if base else '-'} -> {fmt(cpt[m])}" for m in METRICS]
+        n = tasks.get(student, "-")
+        lines.append(f"{student} ({n} test task{'' if n == 1 else 's'}): " + ", ".join(cells))
+    return lines
 
 
 def fmt(x: float | None, digits: int = 2) -> str:
@@ -98,12 +223,26 @@ def student_summary(
     }
 
 
-def table3(summaries: dict[str, dict[str, dict[str, Any]]], paths: dict[str, str]) -> str:
+def paper_row(paper_id: str) -> dict[str, tuple[float, float]] | None:
+    """The paper's Table 3 row of a student, by its declared `paper_id` or hub id."""
+    return PAPER_TABLE3.get(paper_id)
+
+
+def table3(
+    summaries: dict[str, dict[str, dict[str, Any]]],
+    paper_ids: dict[str, str],
+    tasks: dict[str, int] | None = None,
+) -> str:
+    """Baseline -> CPT per student, with the paper's numbers where the paper trained it.
+
+    `paper_ids`: student -> the id its paper row is looked up by (`student.paper_id`, else
+    its path); `tasks`: student -> test tasks behind the numbers.
+    """
     lines = [
-        "| student | n | "
+        "| student | tasks | judged (base / CPT) | "
         + " | ".join(f"{LABELS[m]} base → CPT" for m in METRICS)
         + " | paper (base → CPT) | judge failures (base / CPT) |",
-        "|---|---|" + "---|" * len(METRICS) + "---|---|",
+        "|---|---|---|" + "---|" * len(METRICS) + "---|---|",
     ]
     for student, by_model in sorted(summaries.items()):
         base, cpt = by_model.get("base"), by_model.get("cpt")
@@ -112,16 +251,38 @@ def table3(summaries: dict[str, dict[str, dict[str, Any]]], paths: dict[str, str
             b = fmt_ci(base[m], base[f"{m}_ci"]) if base else "-"
             c = fmt_ci(cpt[m], cpt[f"{m}_ci"]) if cpt else "-"
             cells.append(f"{b} → {c}")
-        paper = PAPER_TABLE3.get(paths.get(student, ""))
+        paper = paper_row(paper_ids.get(student, ""))
         ptext = (
             "; ".join(f"{LABELS[m]} {paper[m][0]:.2f} → {paper[m][1]:.2f}" for m in METRICS)
             if paper
-            else "-"
+            else "not in the paper"
         )
+        n_tasks = (tasks or {}).get(student, "-")
+        judged = " / ".join(str(s["n"]) if s else "-" for s in (base, cpt))
         fails = " / ".join(str(s["judge_failures"]) if s else "-" for s in (base, cpt))
-        n = (cpt or base)["n"]
-        lines.append(f"| {student} | {n} | " + " | ".join(cells) + f" | {ptext} | {fails} |")
+        lines.append(
+            f"| {student} | {n_tasks} | {judged} | " + " | ".join(cells) + f" | {ptext} | {fails} |"
+        )
     return "\n".join(lines)
+
+
+def paper_table2_markdown() -> str:
+    """The paper's Table 2, to read beside ours (its teachers were DeepSeek-R1 and o3-mini)."""
+    lines = ["| paper teacher | no rubric | low | extremely high |", "|---|---|---|---|"]
+    for teacher, row in PAPER_TABLE2.items():
+        lines.append(
+            f"| {teacher} | {row['no_rubric']:.1f} | {row['low']:.1f} | "
+            f"{row['extremely_high']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def code_line(git: dict[str, Any]) -> str:
+    """`{'commit': 'abc…', 'dirty': True}` -> "abc1234 (uncommitted changes)"."""
+    commit = git.get("commit")
+    if not commit:
+        return "unknown (not a git checkout)"
+    return commit[:12] + (" (with uncommitted changes)" if git.get("dirty") else "")
 
 
 def frame_markdown(df: pd.DataFrame, digits: int = 2) -> str:
@@ -138,117 +299,74 @@ def frame_markdown(df: pd.DataFrame, digits: int = 2) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------- plots
+def _last(m: pd.DataFrame, col: str) -> str:
+    """A train metric at the last logged step / averaged over the last quarter of steps."""
+    if col not in m or m[col].dropna().empty:
+        return "-"
+    vals = m[col].dropna()
+    tail = vals.iloc[-max(1, len(vals) // 4) :]
+    return f"{fmt(float(vals.iloc[-1]))} / {fmt(float(tail.mean()))}"
 
 
-def _save(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    store.atomic_write_bytes(path, buf.getvalue())
-
-
-def plot_score_distributions(
-    df: pd.DataFrame, scale: metrics.LevelScale, title: str, path: Path
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    valid = df[df["judge_ok"]]
-    models = sorted(valid["model"].unique())
-    fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(scale.names), 4.2))
-    width = 0.8 / max(len(models), 1)
-    colors = {"base": "#8c8c8c", "cpt": "#1f77b4"}
-    for j, model in enumerate(models):
-        data = [
-            valid[(valid["model"] == model) & (valid["target_level"] == lv)]["score"].values
-            for lv in scale.names
-        ]
-        pos = [i + (j - (len(models) - 1) / 2) * width for i in range(len(scale.names))]
-        box = ax.boxplot(
-            [d if len(d) else [float("nan")] for d in data],
-            positions=pos,
-            widths=width * 0.9,
-            patch_artist=True,
-            manage_ticks=False,
+def training_table(runs: dict[str, tuple[pd.DataFrame, dict[str, Any]]]) -> str:
+    """One row per student from its train metrics: steps, pairs, first -> last loss, reward
+    accuracy and margin at the last logged step (and over its last quarter), the recipe."""
+    lines = [
+        "| student | recipe | pairs | steps | loss first → last | reward accuracy "
+        "(last step / last quarter) | reward margin (last step / last quarter) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for student, (m, summary) in sorted(runs.items()):
+        loss = m["loss"].dropna() if "loss" in m else pd.Series(dtype=float)
+        loss_text = (
+            f"{fmt(float(loss.iloc[0]))} → {fmt(float(loss.iloc[-1]))}" if len(loss) else "-"
         )
-        for patch in box["boxes"]:
-            patch.set_facecolor(colors.get(model, "#ff7f0e"))
-            patch.set_alpha(0.7)
-        ax.plot(
-            [],
-            [],
-            color=colors.get(model, "#ff7f0e"),
-            lw=8,
-            alpha=0.7,
-            label={"base": "baseline", "cpt": "CPT"}.get(model, model),
+        lines.append(
+            f"| {student} | {summary.get('recipe', '-')} | {summary.get('pairs', '-')} | "
+            f"{summary.get('steps', '-')} | {loss_text} | {_last(m, 'rewards/accuracies')} | "
+            f"{_last(m, 'rewards/margins')} |"
         )
-    for edge in scale.upper_edges[:-1]:
-        ax.axhline(edge, color="k", ls=":", lw=0.8)
-    ax.set_xticks(range(len(scale.names)), [n.replace("_", " ") for n in scale.names])
-    ax.set_xlabel("target level (system prompt)")
-    ax.set_ylabel("judge score (0-100)")
-    ax.set_ylim(-2, 102)
-    ax.set_title(title)
-    ax.legend(loc="upper left")
-    _save(fig, path)
-    plt.close(fig)
+    return "\n".join(lines)
 
 
-def plot_confusion(conf: pd.DataFrame, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.6, 4.0))
-    im = ax.imshow(conf.values, cmap="Blues")
-    names = [str(n).replace("_", " ") for n in conf.index]
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    for i in range(conf.shape[0]):
-        for j in range(conf.shape[1]):
-            ax.text(
-                j,
-                i,
-                int(conf.values[i, j]),
-                ha="center",
-                va="center",
-                color="white" if conf.values[i, j] > conf.values.max() / 2 else "black",
-            )
-    ax.set_xlabel("judged level (binned score)")
-    ax.set_ylabel("target level")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="responses")
-    _save(fig, path)
-    plt.close(fig)
+def _kappa(a: np.ndarray, b: np.ndarray, names: Sequence[str]) -> float:
+    observed = float((a == b).mean())
+    expected = sum(float((a == lv).mean()) * float((b == lv).mean()) for lv in names)
+    return (observed - expected) / (1 - expected) if expected < 1 else float("nan")
 
 
-def plot_best_of_n(bon: pd.DataFrame, title: str, path: Path) -> None:
-    import matplotlib
+def panel_agreement(scores: pd.DataFrame, scale: metrics.LevelScale) -> pd.DataFrame:
+    """Agreement between the judges of a panel on the same responses, one row per pair.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    for model, sub in bon.groupby("model"):
-        ax.plot(
-            sub["n"],
-            sub["accuracy"],
-            marker="o",
-            label={"base": "baseline", "cpt": "CPT"}.get(model, model),
-        )
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(bon["n"].unique()), [str(n) for n in sorted(bon["n"].unique())])
-    ax.set_xlabel("N (samples; the judge picks the best)")
-    ax.set_ylabel("accuracy of the picked sample")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    _save(fig, path)
-    plt.close(fig)
+    `scores`: one row per judged item (response x rubric), one column per judge holding its
+    score (NaN where that judgement failed). Columns: judge_a, judge_b, compared (items both
+    judged), level_agreement (same binned level), cohen_kappa (on binned levels),
+    spearman (on scores), mean_abs_diff (score points).
+    """
+    judges = list(scores.columns)
+    rows = []
+    for i, a in enumerate(judges):
+        for b in judges[i + 1 :]:
+            both = scores[[a, b]].dropna()
+            row: dict[str, Any] = {"judge_a": a, "judge_b": b, "compared": len(both)}
+            if len(both):
+                la = metrics.bin_scores(both[a].to_numpy(float), scale)
+                lb = metrics.bin_scores(both[b].to_numpy(float), scale)
+                row.update(
+                    level_agreement=float((la == lb).mean()),
+                    cohen_kappa=_kappa(la, lb, scale.names),
+                    spearman=metrics.spearman_rho(both[a].to_numpy(float), both[b].to_numpy(float)),
+                    mean_abs_diff=float((both[a] - both[b]).abs().mean()),
+                )
+            else:
+                row.update(
+                    level_agreement=float("nan"),
+                    cohen_kappa=float("nan"),
+                    spearman=float("nan"),
+                    mean_abs_diff=float("nan"),
+                )
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def judge_agreement(
@@ -276,13 +394,10 @@ def judge_agreement(
         }
     a = metrics.bin_scores(both["score_1"].to_numpy(float), scale)
     b = metrics.bin_scores(both["score_2"].to_numpy(float), scale)
-    observed = float((a == b).mean())
-    expected = sum(float((a == lv).mean()) * float((b == lv).mean()) for lv in scale.names)
-    kappa = (observed - expected) / (1 - expected) if expected < 1 else float("nan")
     return {
         **out,
-        "level_agreement": observed,
-        "cohen_kappa": kappa,
+        "level_agreement": float((a == b).mean()),
+        "cohen_kappa": _kappa(a, b, scale.names),
         "mean_abs_diff": float((both["score_1"] - both["score_2"]).abs().mean()),
         "spearman": metrics.spearman_rho(
             both["score_1"].to_numpy(float), both["score_2"].to_numpy(float)

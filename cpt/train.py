@@ -65,6 +65,7 @@ from cpt.store import (
     package_versions,
     read_json,
 )
+from cpt.train_log import console, quiet_datasets
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, TrainerCallback
@@ -329,7 +330,8 @@ def _trainer(run: _Run, timer: _StepTimer, callbacks: Sequence[TrainerCallback] 
         if getattr(model, "is_loaded_in_8bit", False)
         else None
     )
-    return DPOTrainer(
+    quiet_datasets()
+    trainer = DPOTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(run.train_data),
@@ -338,6 +340,8 @@ def _trainer(run: _Run, timer: _StepTimer, callbacks: Sequence[TrainerCallback] 
         peft_config=lora_config(run.cfg),
         callbacks=[timer.callback(), *(callbacks or [])],
     )
+    console(trainer)
+    return trainer
 
 
 def _save(run: _Run, trainer, timer: _StepTimer, eval_metrics: dict | None) -> TrainResult:

@@ -70,6 +70,7 @@ def fake_llm_evaluation(run_dir, judge_kind: str) -> None:
     rows = [
         {
             "id": f"j{i}-{model}",
+            "gen_id": f"g{i}-{model}",
             "student": "tiny",
             "model": model,
             "task_id": f"t{i}",

@@ -172,3 +172,28 @@ def test_multirun_with_basic_launcher(tmp_path):
     assert "#0 : " in proc.stdout + proc.stderr and "#1 : " in proc.stdout + proc.stderr
     assert len(list((tmp_path / "tasks").iterdir())) == 2  # seed changes the split -> 2 keys
     assert Path(tmp_path / ".hydra" / "multirun").is_dir()
+
+
+def test_training_recipe_is_chosen_by_the_hardware_and_said():
+    from cpt.config import resolve_recipe
+
+    cfg = compose()
+    assert (
+        cfg.train.name == "auto" and cfg.train.quantization == "none"
+    )  # CPU values until resolved
+    cpu, line = resolve_recipe(cfg, on_gpu=False)
+    assert cpu.train.name == "tiny" and cpu.train.learning_rate == 5e-4
+    assert line == "training recipe: tiny (train=auto: GPU=False given)"
+    gpu, line = resolve_recipe(cfg, on_gpu=True)
+    assert (gpu.train.name, gpu.train.quantization, gpu.train.optim) == (
+        "paper",
+        "4bit",
+        "paged_adamw_8bit",
+    )
+    assert gpu.train.learning_rate == 5e-5 and gpu.train.max_length == 2048
+    # a cluster profile with GPUs trains with the paper's recipe; an explicit choice is kept
+    # but the launch says it is not the GPU recipe
+    on_cluster, line = resolve_recipe(compose("cluster=example_h100"))
+    assert on_cluster.train.name == "paper" and "cluster profile 'example_h100'" in line
+    _, line = resolve_recipe(compose("cluster=example_h100", "train=tiny"))
+    assert "chosen with train=tiny although" in line and "train=paper" in line

@@ -276,3 +276,41 @@ def test_grid_cuts_long_responses_by_tokens_and_keeps_the_instructions(tiny_dir)
     text = msgs[-1]["content"]
     assert "tokens shown]" in text and text.rstrip().endswith("<integer 0-100>}")
     assert f"RESPONSE {long['nonce']}>>>" in text  # the closing delimiter survives
+
+
+# The Mistral-Instruct (v0.1/v0.2) chat template, which Prometheus-2 7B inherits: user and
+# assistant turns must alternate starting with user, and any other role raises.
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+def test_prometheus_judge_folds_the_system_turn_its_template_rejects(tiny_dir, tmp_path):
+    from jinja2.exceptions import TemplateError
+    from transformers import AutoTokenizer
+
+    from cpt.engines.base import fold_system
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = MISTRAL_TEMPLATE
+    tok.save_pretrained(tmp_path / "mistral-style")  # a local tokenizer with that template
+    tok = AutoTokenizer.from_pretrained(tmp_path / "mistral-style")
+
+    judge = compose("judge=prometheus_7b").judge
+    assert judge.system_role is False
+    rubric = load_selected_rubrics(compose())[0]
+    messages = judge_messages(compose().prompts, rubric, "Write a haiku.", "A haiku.", "N0NCE")
+    assert messages[0]["role"] == "system"
+    with pytest.raises(TemplateError, match="roles must alternate"):
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    folded = fold_system(messages, judge.system_role)
+    text = tok.apply_chat_template(folded, tokenize=False, add_generation_prompt=True)
+    assert text.count("[INST]") == 1
+    # the judge's instructions (the system text) come first, inside the one user turn
+    assert text.index("untrusted data") < text.index("<<<RESPONSE N0NCE") < text.index("[/INST]")

@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cpt.intervals import bootstrap_ci
 from cpt.metrics import (
     LevelScale,
     accuracy,
     best_of_n,
     bin_scores,
-    bootstrap_ci,
     breakdown,
     confusion,
     kendall_tau,
@@ -248,7 +248,7 @@ def test_summarize_cis_equal_bootstrap_ci_with_same_seed():
     # summarize computes its CIs without materialising resamples; it must agree with scipy
     # on the materialised resamples (same seed -> same task draws)
     df = synthetic(n_tasks=12, per_cell=1, seed=3)
-    out = summarize(df, SCALE, n_boot=100, seed=11)
+    out = summarize(df, SCALE, n_boot=100, seed=11, ci="percentile")
     valid = df[df["judge_ok"]]
 
     def tau(d: pd.DataFrame) -> float:
@@ -259,6 +259,36 @@ def test_summarize_cis_equal_bootstrap_ci_with_same_seed():
 
     for key, fn in [("accuracy_ci", _acc), ("kendall_tau_ci", tau), ("spearman_rho_ci", rho)]:
         assert out[key] == pytest.approx(bootstrap_ci(valid, fn, n_boot=100, seed=11), abs=1e-12)
+
+
+def test_jackknife_rank_stats_equal_scipy_on_each_left_out_task():
+    from cpt.intervals import rank_stats
+    from cpt.metrics import _level_indices, bin_scores
+
+    df = synthetic(n_tasks=6, per_cell=1, seed=5)
+    df = df[df["judge_ok"]].reset_index(drop=True)
+    target = _level_indices(df["target_level"], SCALE)
+    score = df["score"].to_numpy(float)
+    pred = _level_indices(bin_scores(score, SCALE), SCALE)
+    jack = rank_stats(df["task_id"], target, score, pred).jackknife()
+    for i, task in enumerate(pd.unique(df["task_id"])):
+        rest = df[df["task_id"] != task]
+        x, y = rest["target_level"].map(SCALE.index), rest["score"]
+        assert jack[i] == pytest.approx([_acc(rest), kendall_tau(x, y), spearman_rho(x, y)])
+
+
+def test_summarize_interval_methods():
+    df = synthetic(n_tasks=15, seed=2)
+    for method in ("jackknife-t", "bca", "percentile"):
+        out = summarize(df, SCALE, n_boot=300, seed=1, ci=method)
+        for key in ("accuracy", "kendall_tau", "spearman_rho"):
+            lo, hi = out[f"{key}_ci"]
+            assert lo < out[key] < hi, (method, key)
+    # the default widens where the percentile bootstrap is too narrow (few tasks)
+    default, pct = summarize(df, SCALE), summarize(df, SCALE, ci="percentile")
+    assert np.diff(default["kendall_tau_ci"])[0] > np.diff(pct["kendall_tau_ci"])[0]
+    with pytest.raises(ValueError, match="ci must be one of"):
+        summarize(df, SCALE, ci="normal")
 
 
 def test_bootstrap_ci_1000_resamples_of_10k_rows_under_2s():
@@ -403,30 +433,57 @@ def bon_frame() -> pd.DataFrame:
     return df
 
 
-def test_best_of_n_selection_rule():
+def test_best_of_n_paper_rule_picks_the_highest_score():
     out = best_of_n(bon_frame(), SCALE, ns=[1, 2, 3, 4])
-    assert list(out.columns) == ["n", "groups", "groups_without_valid", "accuracy", "mean_score"]
+    assert list(out.columns) == ["n", "groups", "no_valid", "accuracy", "mean_score"]
     assert out["n"].tolist() == [1, 2, 3, 4]
     assert out["groups"].tolist() == [4, 4, 4, 4]
-    # n=1: g3's only sample failed, g4 has none
-    assert out["groups_without_valid"].tolist() == [2, 1, 1, 1]
+    # n=1: g3's only sample failed, g4 has none; they stay in the denominator
+    assert out["no_valid"].tolist() == [2, 1, 1, 1]
+    # n=1: 80 (wrong), 45 (wrong); g3, g4 no valid sample -> 0 of 4
+    # n=2: 97 ✓, 45 (wrong for low), 95 (wrong for moderate) -> 1 of 4
+    # n=3, 4: the same picks (97, 45, 95); g1's failed 100 is never picked
+    assert out["accuracy"].tolist() == pytest.approx([0.0, 0.25, 0.25, 0.25])
+    assert out["mean_score"].tolist() == pytest.approx(
+        [(80 + 45) / 2, (97 + 45 + 95) / 3, (97 + 45 + 95) / 3, (97 + 45 + 95) / 3]
+    )
+
+
+def test_best_of_n_picked_score_never_falls_with_n():
+    df = synthetic(n_tasks=20, per_cell=4, seed=9)
+    df["sample_idx"] = df.groupby(["task_id", "rubric", "target_level"]).cumcount()
+    out = best_of_n(df, SCALE, ns=[1, 2, 3, 4], per_level=True)
+    for _, level in out.groupby("target_level"):
+        assert level["no_valid"].is_monotonic_decreasing
+        assert level["groups"].nunique() == 1  # fixed denominator
+    top = out[out["target_level"] == "extremely high"]
+    assert top["mean_score"].is_monotonic_increasing
+    assert out["target_level"].iloc[:3].tolist() == list(LEVELS)  # scale order
+
+
+def test_best_of_n_bin_centre_rule():
+    out = best_of_n(bon_frame(), SCALE, ns=[1, 2, 3, 4], rule="bin_centre")
     # n=1: 80 (moderate, wrong), 45 (moderate, wrong)
     # n=2: 97 ✓, 25 ✓, 95 (wrong for moderate)
     # n=3: 97 ✓, 25 ✓ (tie with 15 -> lower sample_idx), 60 ✓
     # n=4: unchanged: g1's failed 100 and g2's 0 are not picked, g3 keeps 60 over tied 72.5
-    assert out["accuracy"].tolist() == pytest.approx([0.0, 2 / 3, 1.0, 1.0])
+    # g4 never has a valid sample: its own outcome, in every denominator
+    assert out["accuracy"].tolist() == pytest.approx([0.0, 2 / 4, 3 / 4, 3 / 4])
     assert out["mean_score"].tolist() == pytest.approx(
         [(80 + 45) / 2, (97 + 25 + 95) / 3, (97 + 25 + 60) / 3, (97 + 25 + 60) / 3]
     )
+    with pytest.raises(ValueError, match="rule must be one of"):
+        best_of_n(bon_frame(), SCALE, ns=[1], rule="closest")
 
 
 def test_best_of_n_per_model_and_validation():
     base = bon_frame().assign(model="base")
     cpt = bon_frame().assign(model="cpt")
     cpt.loc[cpt["task_id"] == "g2", "score"] = 45.0  # every g2 sample is wrong for cpt
-    out = best_of_n(pd.concat([base, cpt], ignore_index=True), SCALE, ns=[4])
+    both = pd.concat([base, cpt], ignore_index=True)
+    out = best_of_n(both, SCALE, ns=[4], rule="bin_centre")
     assert out[["n", "model", "groups"]].values.tolist() == [[4, "base", 4], [4, "cpt", 4]]
-    assert out["accuracy"].tolist() == pytest.approx([1.0, 2 / 3])
+    assert out["accuracy"].tolist() == pytest.approx([3 / 4, 2 / 4])
     with pytest.raises(ValueError, match="ns must be"):
         best_of_n(base, SCALE, ns=[0, 1])
     with pytest.raises(ValueError, match=r"missing column\(s\) \['sample_idx'\]"):

@@ -96,3 +96,43 @@ def test_replica_death_retries_the_shard_elsewhere(tmp_path, ray_local):
     stats = run_sharded(data, out, 3, Square(die_in=str(marker)), backend="ray", replicas=2)
     assert stats.retried_shards == 1
     assert sorted(r["id"] for r in read_all(out, 4)) == sorted(r["id"] for r in data)
+
+
+@dataclass(frozen=True)
+class Closing:
+    """A worker that holds an 'engine' and records when it is closed (as an engine frees
+    its GPU memory); it fails on the shard holding row `fail_on`."""
+
+    marker: str
+    fail_on: int = -1
+
+    def __call__(self):
+        marker, fail_on = self.marker, self.fail_on
+
+        class Work:
+            def __call__(self, batch):
+                if any(r["x"] == fail_on for r in batch):
+                    raise RuntimeError("engine failed")
+                return [{"id": r["id"], "x2": r["x"] ** 2} for r in batch]
+
+            def close(self):
+                with open(marker, "a") as f:
+                    f.write(f"{os.getpid()}\n")
+
+        return Work()
+
+
+def test_inline_engine_is_closed_after_the_stage_and_after_a_failure(tmp_path):
+    marker = tmp_path / "closed"
+    run_sharded(rows(10), tmp_path / "a", 5, Closing(str(marker)), backend="inline")
+    assert marker.read_text().splitlines() == [str(os.getpid())]
+    with pytest.raises(RuntimeError, match="engine failed"):
+        run_sharded(rows(10), tmp_path / "b", 5, Closing(str(marker), 7), backend="inline")
+    assert len(marker.read_text().splitlines()) == 2
+
+
+def test_ray_replicas_close_their_engines_at_the_end(tmp_path, ray_local):
+    marker = tmp_path / "closed"
+    run_sharded(rows(20), tmp_path / "a", 5, Closing(str(marker)), backend="ray", replicas=2)
+    closed = marker.read_text().splitlines()
+    assert len(closed) == 2 and str(os.getpid()) not in closed  # in each replica's process

@@ -101,3 +101,33 @@ def test_rubric_task_tags_filter_the_grid():
     assert cond.applies_to("")  # an untagged task goes with every condition
     untagged = conditions(compose("rubrics.include=[concision]"))[0]
     assert untagged.task_tags == () and untagged.applies_to("poem")  # no tags: every task
+
+
+def test_teacher_target_is_a_template_default_band_hint_vs_paper_wording():
+    # the default keeps the judge's band hint, byte for byte as before templating
+    cfg = compose()
+    cond = conditions(cfg)[2]
+    msg = teacher_messages(cfg.prompts, cfg.levels, cond, "TASK")[0]["content"]
+    assert (
+        "Target adherence to this rubric: extremely high (a judge's score from 0 to 100 "
+        "would fall in 92.5-100)." in msg
+    )
+    # prompts=paper: the level in words only, everything else unchanged
+    paper = compose("prompts=paper")
+    assert paper.prompts.name == "paper"
+    text = teacher_messages(paper.prompts, paper.levels, cond, "TASK")[0]["content"]
+    assert "Target adherence to this rubric: extremely high.\n" in text + "\n"
+    assert "92.5" not in text and "judge" not in text
+    assert paper.prompts.judge == cfg.prompts.judge
+    assert paper.prompts.teacher == cfg.prompts.teacher
+
+
+def test_teacher_target_placeholders_are_checked():
+    from cpt.commands.check import template_problems
+
+    cfg = compose("prompts.teacher_target='aim: {{qualifier}} {{score}}'")
+    assert template_problems(cfg) == [
+        "prompts.teacher_target: unknown placeholders ['score'] "
+        "(allowed: ['band', 'level', 'qualifier'])"
+    ]
+    assert template_problems(compose("prompts=paper")) == []

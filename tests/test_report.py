@@ -7,6 +7,7 @@ import math
 import random
 
 import pyarrow as pa
+import pyarrow.parquet
 from conftest import compose
 
 from cpt import store
@@ -18,9 +19,15 @@ CENTRE = {"low": 20, "moderate": 66, "extremely_high": 97}
 
 
 def fake_evaluation(
-    run_dir, student: str, path: str, fail_every: int = 7, gen_fail_every: int = 0
+    run_dir,
+    student: str,
+    path: str,
+    fail_every: int = 7,
+    panel: tuple[str, ...] = (),
+    gen_fail_every: int = 0,
 ) -> None:
-    """An evaluate/ folder as the evaluate stage writes it (CPT near target, base noisy)."""
+    """An evaluate/ folder as the evaluate stage writes it (CPT near target, base noisy);
+    `panel`: extra judges whose scores differ from the main judge's by a little noise."""
     rng = random.Random(0)
     rows, i = [], 0
     for t in range(6):
@@ -58,29 +65,87 @@ def fake_evaluation(
     store.write_shard(d, 0, pa.Table.from_pylist(rows), {})
     again = [{**r, "id": "a" + r["id"], "first_id": r["id"]} for r in rows[::4]]
     store.write_shard(d / "agreement", 0, pa.Table.from_pylist(again), {})
+    for name in panel:
+        other = [
+            {
+                **r,
+                "score": None
+                if r["score"] is None
+                else min(100, max(0, r["score"] + rng.randint(-9, 9))),
+            }
+            for r in rows
+        ]
+        store.write_shard(d / "panel" / name, 0, pa.Table.from_pylist(other), {})
     store.mark_done(
         d,
         {
             "key": "abc",
             "n_shards": 1,
             "agreement": {"n_shards": 1},
-            "config": {"student": {"name": student, "path": path}},
+            "panel": {name: {"n_shards": 1} for name in panel},
+            "config": {
+                "student": {"name": student, "path": path},
+                "judge": {"name": "judge_a", "sampling": {"temperature": 0.0}},
+                "prompts": {"name": "paper"},
+            },
+        },
+    )
+
+
+def fake_training(run_dir, student: str) -> None:
+    d = run_dir / "train" / f"{student}-abc"
+    d.mkdir(parents=True)
+    steps = list(range(1, 9))
+    pa.parquet.write_table(
+        pa.table(
+            {
+                "step": steps,
+                "loss": [0.693 - 0.05 * s for s in steps],
+                "rewards/accuracies": [min(1.0, 0.4 + 0.1 * s) for s in steps],
+                "rewards/margins": [0.1 * s for s in steps],
+            }
+        ),
+        d / "metrics.parquet",
+    )
+    store.mark_done(
+        d,
+        {
+            "rows": 40,
+            "steps": 8,
+            "n_shards": 0,
+            "config": {"student": {"name": student}, "train": {"name": "paper"}},
         },
     )
 
 
 def test_report_renders_tables_and_plots(tmp_path):
     fake_evaluation(tmp_path, "qwen3_4b", "Qwen/Qwen3-4B")
-    fake_evaluation(tmp_path, "tiny", "builtin:tiny")
+    fake_evaluation(tmp_path, "tiny", "builtin:tiny", panel=("judge_b",))
+    fake_training(tmp_path, "tiny")
     cfg = compose(f"run_dir={tmp_path}", "report.n_boot=200")
     out = tmp_path / "report"
     stats = render(cfg, out)
     md = (out / "report.md").read_text()
     assert stats["students"] == ["qwen3_4b", "tiny"]
-    assert "| student | n | Acc base → CPT |" in md
+    assert "| student | tasks | judged (base / CPT) | Acc base → CPT |" in md
+    assert "| qwen3_4b | 6 | " in md  # n says how many test tasks
     assert "Acc 0.63 → 0.77" in md  # the paper's Qwen3-4B row beside ours
+    assert "| tiny | 6 | " in md and "not in the paper" in md
+    assert "Teacher prompt template: paper (the target level in words only" in md
+    assert "Code: {" not in md
+    # a panel of two judges: each judge, the mean, and their agreement
+    assert "Judges: judge_a, judge_b (scores below: the panel mean)" in md
+    assert "### Judge panel" in md and "| judge_a | judge_b |" in md
+    assert "cohen_kappa" in md
+    # greedy judge: the repeated judgements are labelled a determinism check
+    assert "Determinism check" in md
+    # training section from the train metrics
+    assert "## Training" in md and "| tiny | paper | 40 | 8 | 0.64 → 0.29 |" in md
+    assert (out / "plots" / "training.png").stat().st_size > 5000
+    # Best-of-N: the paper's rule, score per level for N = 1, 2
+    assert "highest-scored of the first N" in md and "| N=1 | N=2 |" in md
     assert "## Judge failures" in md and "\n## Best-of-N" not in md  # per student: ###
-    assert "### Best-of-N" in md and "### Confusion" in md and "## Judge agreement" in md
+    assert "### Best-of-N" in md and "### Confusion" in md and "## Judge self-agreement" in md
     # judge failures are counted, not scored: every 7th row failed
     assert stats["judge_failures"]["tiny"]["cpt"] > 0
     for name in (
@@ -110,6 +175,7 @@ def test_table3_shows_nan_as_nan():
         **{f"{m}_ci": (nan, nan) for m in ("accuracy", "kendall_tau", "spearman_rho")},
     }
     text = table3({"x": {"cpt": s}}, {})
+    assert "not in the paper" in text
     assert "NaN [NaN, NaN]" in text
 
 
@@ -134,6 +200,27 @@ def test_judge_agreement():
     assert (got["pairs"], got["compared"], got["failed_pairs"]) == (4, 3, 1)
     assert math.isclose(got["level_agreement"], 2 / 3)
     assert math.isclose(got["mean_abs_diff"], (20 + 45 + 4) / 3)
+
+
+def test_best_of_n_plot_with_one_sample_or_no_scores(tmp_path):
+    # evaluate.samples=1 gives one N; a run whose judgements all failed gives no scores
+    import pandas as pd
+
+    from cpt.plots import plot_best_of_n
+
+    scale = compose().levels.scale
+    one = pd.DataFrame(
+        {
+            "n": [1, 1],
+            "model": ["base", "cpt"],
+            "target_level": ["low", "low"],
+            "mean_score": [float("nan"), 30.0],
+            "accuracy": [0.0, 1.0],
+        }
+    )
+    for name, frame in (("one", one), ("empty", one.iloc[:0])):
+        plot_best_of_n(frame, frame, scale, name, tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_failed_generations_are_counted_per_model_and_never_scored():

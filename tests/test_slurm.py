@@ -21,6 +21,7 @@ import pytest
 from conftest import REPO, compose, has_slurm, launch, pin_tiny
 
 from cpt import slurm, store
+from cpt.config import resolve_recipe
 from cpt.graph import format_work
 from cpt.pipeline import resolve, stage_dir, stage_specs
 
@@ -453,13 +454,17 @@ def test_plan_prints_jobs_and_gpu_hours_and_submits_nothing(tmp_path):
         assert "submit" in line and "0 GPU, 1 CPU, 2 GB, 60 min" in line, line
         after = line.split()[line.split().index("min") + 1]  # the afterok column
         assert after == (",".join(spec.needs) or "-"), line
-        assert line.endswith(format_work(spec.plan(compose(*over)))), line  # shards etc.
+        planned = resolve_recipe(compose(*over, "cluster=ci"))[0]  # train=auto as the launch
+        assert line.endswith(format_work(spec.plan(planned))), line  # shards etc.
+    assert "training recipe: tiny (train=auto: cluster profile 'ci' gives 0 GPU(s) per job)" in out
     assert f"jobs to submit: {len(specs)}" in out
     assert "GPU-hours (upper bound, GPUs x time limit of each new job): 0.0" in out
     gpu = launch(*over, "cluster=example_h100").stdout  # a GPU site profile, planned only
-    n_gpu = sum(1 for s in specs.values() if s.gpu)
-    assert "8 GPU, 96 CPU, 200 GB, 1440 min" in gpu
-    assert f"GPU-hours (upper bound, GPUs x time limit of each new job): {n_gpu * 192:.1f}" in gpu
+    rows = {ln.split()[0]: ln for ln in gpu.splitlines() if " submit " in ln}
+    # the tiny models need no GPU; training asks for train.gpus (1) for the profile's 24 h
+    assert "1 GPU, 12 CPU, 200 GB, 1440 min" in rows["train"]
+    assert all(" 0 GPU, 12 CPU" in ln for s, ln in rows.items() if s != "train"), gpu
+    assert "GPU-hours (upper bound, GPUs x time limit of each new job): 24.0" in gpu
     assert queue() <= before  # nothing submitted
 
 
@@ -484,32 +489,54 @@ def test_ray_cluster_starts_and_stops_inside_a_slurm_job(ray_job):
 
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_stage_job_resources_and_sbatch_flags(tmp_path, nodes):
-    """GPU stages get the profile's GPUs; CPU-only stages none; every job can be requeued and
-    is cancelled when an input fails; multi-node data stages run python in the batch shell."""
+    """Each job asks for what its stage runs (TP-2 32B teacher/judge, 4B student): GPUs and
+    CPUs per GPU, the stage's time limit; every job can be requeued and is cancelled when an
+    input fails; multi-node data stages run python in the batch shell, training one srun
+    task per rank."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    cfg = compose(f"run_dir={tmp_path}", "cluster=example_h100", f"cluster.nodes={nodes}")
+    cfg = compose(
+        f"run_dir={tmp_path}",
+        "cluster=example_h100",
+        f"cluster.nodes={nodes}",
+        "engine=vllm",
+        "teacher=qwen3_32b",
+        "judge=qwen3_32b",
+        "student=qwen3_4b",
+        "train.gpus=4",
+    )
     specs = stage_specs()
     plan = resolve(cfg)
     for name, spec in specs.items():
-        params = slurm.executor_parameters(cfg, plan[name].resources, f"cpt-{name}", ["11", "12"])
+        res = plan[name].resources
+        params = slurm.executor_parameters(cfg, res, f"cpt-{name}", ["11", "12"])
         text = _make_sbatch_string(command="python -m x", folder=tmp_path, **params)
         assert "#SBATCH --dependency=afterok:11:12" in text
         assert "#SBATCH --requeue" in text and "#SBATCH --kill-on-invalid-dep=yes" in text
         assert "#SBATCH --account=my_project" in text and "#SBATCH --qos=normal" in text
-        assert "#SBATCH --time=1440" in text and "#SBATCH --mem=200GB" in text
-        if spec.gpu:
-            assert "#SBATCH --gpus-per-node=8" in text and "#SBATCH --cpus-per-task=96" in text
+        minutes = cfg.cluster.stage_time_min.get(name, 1440)
+        assert f"#SBATCH --time={minutes}" in text and "#SBATCH --mem=200GB" in text
+        if res.gpus_per_node:
+            per_task = res.gpus_per_node // res.tasks_per_node
+            assert f"#SBATCH --gpus-per-node={res.gpus_per_node}" in text
+            assert f"#SBATCH --cpus-per-task={12 * per_task}" in text
             assert "#SBATCH --constraint=h100" in text
         else:
-            assert "--gpus" not in text and "--constraint" not in text
+            assert not spec.gpu and "--gpus" not in text and "--constraint" not in text
             assert "#SBATCH --cpus-per-task=12" in text
-        multi = nodes > 1 and spec.gpu and name != "train"
-        assert (f"#SBATCH --nodes={nodes}" if multi else "#SBATCH --nodes=1") in text
+        multi = res.nodes > 1 and name != "train"
+        assert f"#SBATCH --nodes={res.nodes}" in text
+        assert f"#SBATCH --ntasks-per-node={4 if name == 'train' else 1}" in text
         if multi:  # no srun: python (Ray head) in the batch shell, which gets the signal
             assert "#SBATCH --signal=B:USR2@300" in text and "\nsrun " not in text
         else:
             assert "#SBATCH --signal=USR2@300" in text and "srun --unbuffered" in text
+    # training: one task (rank) per GPU; the judge (5 shards x TP 2) spreads over the nodes
+    train = plan["train"].resources
+    assert (train.nodes, train.gpus_per_node, train.tasks_per_node, train.ranks) == (1, 4, 4, True)
+    assert plan["evaluate"].resources.nodes == nodes
+    sysprompts = plan["sysprompts"].resources  # one shard: one replica, one hour
+    assert (sysprompts.gpus_per_node, sysprompts.time_min) == (2, 60)
     local = compose(f"run_dir={tmp_path}", "cluster=ci")
     params = slurm.executor_parameters(local, resolve(local)["tasks"].resources, "cpt-tasks", [])
     assert "dependency" not in params and "account" not in params  # unset: site default

@@ -571,3 +571,57 @@ def test_held_out_tasks_never_reach_training(tmp_path):
     with pytest.raises(ValueError, match="no rows of split 'nope'"):  # the wrong split: nothing
         main(["--rows", str(pairs / "shards"), "--student-path", "builtin:tiny", "--split",
               "nope", "--out", str(tmp_path / "x"), "--cpu", *steps])  # fmt: skip
+
+
+def test_the_kernels_install_hint_of_bitsandbytes_is_dropped(caplog):
+    import logging
+
+    import cpt  # noqa: F401  (installs the filter)
+
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=bnb.name):
+        bnb.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make "
+            "sure you already `pip install kernels` and the kernels >= 0.11.1",
+            "No module named 'kernels'",
+        )
+        bnb.warning("another bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
+
+
+def test_training_logs_one_short_line_per_step_in_a_log_file(caplog, capsys, monkeypatch):
+    """Not a terminal (Slurm, a pipe): transformers' raw dict printer is removed and each
+    logging step is one line with loss, reward accuracy and margin."""
+    import logging
+    from types import SimpleNamespace
+
+    from transformers import PrinterCallback, ProgressCallback
+
+    from cpt import train_log
+
+    monkeypatch.setattr(train_log, "interactive", lambda: False)
+
+    class Trainer:  # the two methods console() uses, as transformers' Trainer has them
+        def __init__(self):
+            self.callbacks = [PrinterCallback, ProgressCallback]
+
+        def remove_callback(self, cb):
+            self.callbacks = [c for c in self.callbacks if c is not cb]
+
+        def add_callback(self, cb):
+            self.callbacks.append(cb)
+
+    trainer = Trainer()
+    train_log.console(trainer)
+    (lines,) = trainer.callbacks
+    state = SimpleNamespace(is_world_process_zero=True, global_step=3, max_steps=12)
+    logs = {"loss": 0.6919, "rewards/accuracies": 0.75, "rewards/margins": 0.0024}
+    with caplog.at_level(logging.INFO, logger="cpt.train"):
+        lines.on_log(None, state, None, logs={**logs, "learning_rate": 5e-4, "entropy": 6.9})
+        lines.on_log(None, state, None, logs={"eval_loss": 0.69, "eval_rewards/accuracies": 0.5})
+        lines.on_log(None, state, None, logs={"train_runtime": 543.8})
+    assert [r.getMessage() for r in caplog.records] == [
+        "train step 3/12: loss 0.6919, reward accuracy 0.75, margin 0.0024, lr 5.00e-04",
+        "train eval at step 3/12: loss 0.6900, reward accuracy 0.50, margin nan",
+    ]
+    assert capsys.readouterr().out == ""  # no raw dict printed

@@ -13,6 +13,7 @@ from cpt.tasks import GENRES, SHIPPED_PATH, validate_task_files
 
 TEMPLATE_FIELDS = {
     "teacher": {"rubrics", "task"},
+    "teacher_target": {"level", "qualifier", "band"},
     "teacher_no_rubric": {"task"},
     "summarizer": {"rubrics", "targets", "variant_hint"},
     "judge": {"rubric_name", "rubric_description", "rubric_table", "task", "response", "nonce"},

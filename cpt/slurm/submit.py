@@ -45,7 +45,7 @@ from typing import Any
 import submitit
 
 from cpt import store
-from cpt.cluster import ray_cluster
+from cpt.cluster import distributed_env_from_slurm, ray_cluster
 from cpt.config import CptConfig
 from cpt.graph import JobResources, RunPlan
 from cpt.slurm.jobs import (
@@ -94,7 +94,7 @@ def executor_parameters(
         "job_name": job_name,
         "time": res.time_min,
         "nodes": res.nodes,
-        "ntasks_per_node": 1,
+        "ntasks_per_node": res.tasks_per_node,  # training: one rank per GPU
         "cpus_per_task": res.cpus_per_task,
         "mem": f"{res.mem_gb}GB",
         "signal_delay_s": c.signal_delay_s,
@@ -109,7 +109,7 @@ def executor_parameters(
             params[key] = value
     if dependency:
         params["dependency"] = "afterok:" + ":".join(dependency)
-    if res.nodes > 1:
+    if res.nodes > 1 and not res.ranks:
         # One process on the first node starts Ray (head here, workers via srun), so python
         # runs in the batch shell rather than in one srun task per node; the signal then has
         # to go to the batch shell ("B:").
@@ -152,7 +152,14 @@ class StageJob(submitit.helpers.Checkpointable):
             self.stage,
         )
         cfg = _fit_local_ray(self.cfg)
-        if self.resources.nodes > 1:
+        res = self.resources
+        if res.world_size > 1:
+            # one task per rank (srun): RANK, WORLD_SIZE, MASTER_ADDR... for torch.distributed;
+            # every rank runs the stage, rank 0 alone writes its outputs and marks it done
+            env = distributed_env_from_slurm()
+            log.info("rank %s of %s", env.get("RANK"), env.get("WORLD_SIZE"))
+            out = self.run_stage(cfg, self.stage)
+        elif res.nodes > 1:
             with ray_cluster(num_gpus=self.resources.gpus_per_node) as address:
                 cfg = dataclasses.replace(
                     cfg, parallel=dataclasses.replace(cfg.parallel, address=address)
@@ -160,7 +167,8 @@ class StageJob(submitit.helpers.Checkpointable):
                 out = self.run_stage(cfg, self.stage)
         else:
             out = self.run_stage(cfg, self.stage)
-        _link_logs_in_manifest(out)
+        if os.environ.get("RANK", "0") == "0":
+            _link_logs_in_manifest(out)
         return str(out)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:

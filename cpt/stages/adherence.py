@@ -17,7 +17,8 @@ from cpt.config import CptConfig, JudgingConfig
 from cpt.generation import JudgeFactory, run_rows
 from cpt.graph import StageContext, StageSpec
 from cpt.judge import JUDGE_KEY, TRUNCATED, condition_parts, judge_grid
-from cpt.prompts import load_selected_rubrics
+from cpt.parallel import n_shards
+from cpt.prompts import generation_rows, load_selected_rubrics
 
 
 def params(cfg: CptConfig) -> dict[str, Any]:
@@ -129,7 +130,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
-    return {"shard_size": cfg.adherence.shard_size}
+    n = generation_rows(cfg)  # one judgement per generation at most
+    if n is None:
+        return {"shard_size": cfg.adherence.shard_size}
+    return {"rows<=": n, "shards<=": n_shards(n, cfg.adherence.shard_size)}
 
 
-SPEC = StageSpec("adherence", ("tasks", "generate"), params, run, plan, gpu=True)
+SPEC = StageSpec("adherence", ("tasks", "generate"), params, run, plan, runs=("judge",))

@@ -1,22 +1,31 @@
-"""evaluate: the base student and the CPT student (base + adapter) answer every test
-(task, condition) under s(R, level), N samples each; the judge scores every response
-against each of its rubrics (paper Table 3, Figure 1).
+"""evaluate: the base student and the CPT student answer every test (task, condition)
+under s(R, level), N samples each; the judge (and each judge of a panel) scores every
+response against each of its rubrics (paper Table 3, Figure 1).
+The CPT student is the student + the adapter of train/ by default, or an external model
+(`evaluate.tuned`: a PEFT adapter folder, or a full checkpoint such as the paper's
+released models), in which case no train stage is needed.
 Reads tasks/ (test split), sysprompts/, train/<student>/ (adapter); writes
-evaluate/<student>-<key>/responses/ (student generations) and shards of judgements:
-id, gen_id, student, model (base|cpt), task_id, rubric, level, part_rubric, part_level,
-sample_idx, response, score, critique, ok, error, attempts.
+evaluate/<student>-<key>/responses/ (student generations; responses_cpt/ for a full
+external checkpoint), shards of the main judge's judgements (id, gen_id, student, model
+(base|cpt), task_id, rubric, level, part_rubric, part_level, sample_idx, response, score,
+critique, ok, error, attempts), panel/<judge>/ shards for each extra judge (`judges`), and
+agreement/ (a share judged again, see `evaluate.agreement_*`).
 Run alone: python jobs/launch.py stage=evaluate student=<name>
+External:  python jobs/launch.py stage=evaluate student=qwen3_4b evaluate.tuned=<path or id>
 """
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 from cpt import store
-from cpt.config import CptConfig
+from cpt.config import CptConfig, ModelConfig
 from cpt.generation import GenerateFactory, JudgeFactory, run_rows
 from cpt.graph import StageContext, StageSpec
 from cpt.judge import JUDGE_KEY, condition_parts, judge_grid
+from cpt.parallel import n_shards
 from cpt.prompts import (
     conditions,
     load_selected_rubrics,
@@ -26,10 +35,38 @@ from cpt.rows import work_row
 from cpt.system_prompts import load_system_prompts, pick
 
 
+def panel(cfg: CptConfig) -> dict[str, ModelConfig]:
+    """The judges of the evaluation: `judge` first, then each of `judges` by its key."""
+    extra = {k: v for k, v in cfg.judges.items() if k != cfg.judge.name}
+    return {cfg.judge.name: cfg.judge, **extra}
+
+
+def tuned_kind(path: str) -> str:
+    """`adapter` for a local PEFT adapter folder, else `full` (a checkpoint folder or hub id)."""
+    if not path:
+        return ""
+    return "adapter" if (Path(path).expanduser() / "adapter_config.json").is_file() else "full"
+
+
+def tuned_model(cfg: CptConfig) -> ModelConfig:
+    """The external full checkpoint as a model: the student's settings, its own path."""
+    return dataclasses.replace(cfg.student, name=f"{cfg.student.name}-cpt", path=cfg.evaluate.tuned)
+
+
+def _folder_hash(path: str) -> str:
+    """Content of a local adapter folder: a changed adapter is a new evaluation."""
+    root = Path(path).expanduser()
+    files = sorted(f for f in root.rglob("*") if f.is_file())
+    return store.content_hash([[str(f.relative_to(root)), store.file_sha256(f)] for f in files])
+
+
 def params(cfg: CptConfig) -> dict[str, Any]:
+    tuned = cfg.evaluate.tuned
     return {
         "student": cfg.student,
         "judge": cfg.judge,
+        "judges": {k: v for k, v in panel(cfg).items() if k != cfg.judge.name},
+        "tuned": _folder_hash(tuned) if tuned_kind(tuned) == "adapter" else tuned,
         "engines": [cfg.student.engine or cfg.engine.kind, cfg.judge.engine or cfg.engine.kind],
         "rubrics": [r.content_hash() for r in load_selected_rubrics(cfg)],
         "templates": [
@@ -43,8 +80,11 @@ def params(cfg: CptConfig) -> dict[str, Any]:
     }
 
 
-def response_grid(cfg: CptConfig, tasks: list[dict], sysprompts: dict, adapter: str) -> list[dict]:
-    models = {"cpt": adapter, **({"base": ""} if cfg.evaluate.baseline else {})}
+def response_grid(
+    cfg: CptConfig, tasks: list[dict], sysprompts: dict, adapter: str, models: tuple[str, ...]
+) -> list[dict]:
+    """Student rows of `models` ("base", "cpt"); "cpt" rows carry `adapter` (may be "")."""
+    models = {m: adapter if m == "cpt" else "" for m in models}
     rows = []
     for task in (t for t in tasks if t["split"] == "test"):
         for cond in conditions(cfg):
@@ -76,24 +116,71 @@ def response_grid(cfg: CptConfig, tasks: list[dict], sysprompts: dict, adapter: 
     return rows
 
 
+def _generate(cfg: CptConfig, rows: list[dict], out_dir: Path, model: ModelConfig, what: str):
+    stats = run_rows(
+        rows,
+        out_dir,
+        cfg.evaluate.shard_size,
+        GenerateFactory(model, cfg.engine),
+        model,
+        cfg.engine,
+        cfg.parallel,
+        label=f"evaluate[{cfg.student.name}] generate {what}",
+    )
+    return stats, store.read_shards(out_dir, stats.n_shards).to_pylist()
+
+
+def _judge(cfg: CptConfig, judge: ModelConfig, rows: list[dict], out_dir: Path, what: str):
+    factory = JudgeFactory(
+        judge, cfg.engine, cfg.prompts.judge_repair, cfg.evaluate.judge_max_attempts
+    )
+    return run_rows(
+        rows,
+        out_dir,
+        cfg.evaluate.shard_size,
+        factory,
+        judge,
+        cfg.engine,
+        cfg.parallel,
+        label=f"evaluate[{cfg.student.name}] {what}",
+    )
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     tasks = store.read_table(ctx.inputs["tasks"]).to_pylist()
     sysprompts, _ = load_system_prompts(cfg, ctx.inputs["sysprompts"])
-    adapter = str(ctx.inputs["train"] / "adapter")
-    responses_dir = ctx.out_dir / "responses"
-    gen_rows = response_grid(cfg, tasks, sysprompts, adapter)
-    gen_stats = run_rows(
-        gen_rows,
-        responses_dir,
-        cfg.evaluate.shard_size,
-        GenerateFactory(cfg.student, cfg.engine),
-        cfg.student,
-        cfg.engine,
-        cfg.parallel,
-        label=f"evaluate[{cfg.student.name}] generate",
-    )
-    responses = store.read_shards(responses_dir, gen_stats.n_shards).to_pylist()
+    kind = tuned_kind(cfg.evaluate.tuned)
+    adapter = cfg.evaluate.tuned if kind == "adapter" else ""
+    if not kind:
+        adapter = str(ctx.inputs["train"] / "adapter")
+    models = ("base", "cpt") if cfg.evaluate.baseline else ("cpt",)
+    if kind == "full":  # another model: its own engine, its own response shards
+        base_stats, responses = _generate(
+            cfg,
+            response_grid(cfg, tasks, sysprompts, "", tuple(m for m in models if m != "cpt")),
+            ctx.out_dir / "responses",
+            cfg.student,
+            "base",
+        )
+        cpt_stats, cpt_responses = _generate(
+            cfg,
+            response_grid(cfg, tasks, sysprompts, "", ("cpt",)),
+            ctx.out_dir / "responses_cpt",
+            tuned_model(cfg),
+            f"cpt ({cfg.evaluate.tuned})",
+        )
+        responses += cpt_responses
+        gen_stats = {"base": base_stats.as_dict(), "cpt": cpt_stats.as_dict()}
+    else:
+        stats, responses = _generate(
+            cfg,
+            response_grid(cfg, tasks, sysprompts, adapter, models),
+            ctx.out_dir / "responses",
+            cfg.student,
+            "base + cpt",
+        )
+        gen_stats = stats.as_dict()
     judge_rows = judge_grid(
         cfg,
         {t["id"]: t["text"] for t in tasks},
@@ -109,37 +196,31 @@ def run(ctx: StageContext) -> dict[str, Any]:
         store.secret_file(ctx.out_dir / JUDGE_KEY),  # delimiter nonces: secret, resumable
         cfg.evaluate.judge_truncated,
     )
-    factory = JudgeFactory(
-        cfg.judge, cfg.engine, cfg.prompts.judge_repair, cfg.evaluate.judge_max_attempts
-    )
-    stats = run_rows(
-        judge_rows,
-        ctx.out_dir,
-        cfg.evaluate.shard_size,
-        factory,
-        cfg.judge,
-        cfg.engine,
-        cfg.parallel,
-        label=f"evaluate[{cfg.student.name}] judge",
-    )
-    agreement = agreement_rows(cfg, judge_rows)
-    agree_stats = run_rows(
-        agreement,
-        ctx.out_dir / "agreement",
-        cfg.evaluate.shard_size,
-        factory,
-        cfg.judge,
-        cfg.engine,
-        cfg.parallel,
-        label=f"evaluate[{cfg.student.name}] judge agreement",
+    stats = _judge(cfg, cfg.judge, judge_rows, ctx.out_dir, f"judge {cfg.judge.name}")
+    extra = {
+        name: _judge(cfg, judge, judge_rows, ctx.out_dir / "panel" / name, f"judge {name}")
+        for name, judge in panel(cfg).items()
+        if name != cfg.judge.name
+    }
+    temp = cfg.evaluate.agreement_temperature
+    again = cfg.judge
+    if temp is not None:
+        again = dataclasses.replace(
+            cfg.judge, sampling=dataclasses.replace(cfg.judge.sampling, temperature=temp)
+        )
+    agree_stats = _judge(
+        cfg, again, agreement_rows(cfg, judge_rows), ctx.out_dir / "agreement", "judge again"
     )
     return {
         **stats.as_dict(),
         "judge_failures": stats.failures,
+        "responses": gen_stats,
+        "panel": {name: s.as_dict() for name, s in extra.items()},
         "truncated_responses": sum(r["finish_reason"] == "length" for r in responses),
-        "responses": gen_stats.as_dict(),
         "agreement": agree_stats.as_dict(),
+        "agreement_temperature": again.sampling.temperature,
         "adapter": adapter,
+        "tuned": cfg.evaluate.tuned,
     }
 
 
@@ -163,7 +244,21 @@ def agreement_rows(cfg: CptConfig, judge_rows: list[dict]) -> list[dict]:
 
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
-    return {"samples": cfg.evaluate.samples, "student": cfg.student.name}
+    out: dict[str, Any] = {"samples": cfg.evaluate.samples, "student": cfg.student.name}
+    if len(panel(cfg)) > 1:
+        out["judges"] = "+".join(panel(cfg))
+    if cfg.evaluate.tuned:
+        out["cpt"] = f"{tuned_kind(cfg.evaluate.tuned)}:{cfg.evaluate.tuned}"
+    if cfg.tasks.num_tasks:  # responses of base and tuned student over (at most) every task
+        models = 1 + int(cfg.evaluate.baseline)
+        n = len(conditions(cfg)) * cfg.evaluate.samples * models * cfg.tasks.num_tasks
+        out["shards<="] = n_shards(n, cfg.evaluate.shard_size)
+    return out
+
+
+def skip(cfg: CptConfig) -> tuple[str, ...]:
+    """An external CPT model (`evaluate.tuned`) needs no train stage."""
+    return ("train",) if cfg.evaluate.tuned else ()
 
 
 SPEC = StageSpec(
@@ -173,5 +268,6 @@ SPEC = StageSpec(
     run,
     plan,
     per_student=True,
-    gpu=True,
+    skip=skip,
+    runs=("student", "judge"),  # one after the other: the job is sized for the larger
 )

@@ -16,6 +16,7 @@ from cpt.parallel import n_shards
 from cpt.prompts import (
     conditions,
     conditions_fingerprint,
+    generation_rows,
     teacher_messages,
     teacher_no_rubric_messages,
 )
@@ -28,7 +29,11 @@ def params(cfg: CptConfig) -> dict[str, Any]:
         "engine": (cfg.teacher.engine or cfg.engine.kind),
         "conditions": conditions_fingerprint(cfg),
         "levels": cfg.levels,
-        "templates": [cfg.prompts.teacher, cfg.prompts.teacher_no_rubric],
+        "templates": [
+            cfg.prompts.teacher,
+            cfg.prompts.teacher_target,
+            cfg.prompts.teacher_no_rubric,
+        ],
         "generate": cfg.generate,
         "seed": cfg.seed,
     }
@@ -88,9 +93,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
-    per_task = len(conditions(cfg)) + int(cfg.generate.no_rubric)
-    n = per_task * cfg.generate.samples * (cfg.tasks.num_tasks or 1)
+    n = generation_rows(cfg)
+    if n is None:
+        return {"tasks": "all"}
     return {"rows<=": n, "shards<=": n_shards(n, cfg.generate.shard_size)}
 
 
-SPEC = StageSpec("generate", ("tasks",), params, run, plan, gpu=True)
+SPEC = StageSpec("generate", ("tasks",), params, run, plan, runs=("teacher",))

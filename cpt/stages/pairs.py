@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -20,6 +21,7 @@ import pyarrow as pa
 from cpt import store
 from cpt.config import CptConfig
 from cpt.graph import StageContext, StageSpec
+from cpt.importers import import_pairs
 from cpt.prompts import fill
 from cpt.system_prompts import load_system_prompts, pick
 
@@ -42,7 +44,10 @@ SCHEMA = pa.schema(
 
 
 def params(cfg: CptConfig) -> dict[str, Any]:
+    src = cfg.pairs.source
     return {
+        "source": source_fingerprint(src.path) if src.path else "",
+        "test_fraction": cfg.tasks.test_fraction if src.path else None,
         "pairs": cfg.pairs,
         "levels": cfg.levels.names,
         "template": cfg.prompts.student,
@@ -171,8 +176,36 @@ def dataset_card(cfg: CptConfig, rows: list[dict], stats: Counter, fallbacks: in
     return "\n".join(lines) + "\n"
 
 
+def source_fingerprint(path: str) -> str:
+    """Content hash of an imported file or folder: new data, new pairs folder."""
+    root = Path(path).expanduser()
+    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+    return store.content_hash(
+        [[f.name, store.file_sha256(f)] for f in files if f.exists()] or [path]
+    )
+
+
+def import_run(ctx: StageContext) -> dict[str, Any]:
+    """Released pairs (`pairs.source`) -> the same two shards the built pairs have."""
+    cfg = ctx.cfg
+    rows = import_pairs(cfg.pairs.source, cfg.pairs.columns, cfg.tasks.test_fraction, cfg.seed)
+    for index, split in enumerate(("train", "test")):
+        part = [r for r in rows if r["split"] == split]
+        store.write_shard(ctx.out_dir, index, pa.Table.from_pylist(part, schema=SCHEMA), {})
+    n = Counter(r["split"] for r in rows)
+    store.atomic_write_text(
+        ctx.out_dir / "README.md",
+        "# CPT preference pairs (imported)\n\n"
+        f"From `{cfg.pairs.source.path}` (split {cfg.pairs.source.split!r}), split by task: "
+        f"{n['train']} train rows, {n['test']} test rows.\n",
+    )
+    return {"rows": len(rows), "n_shards": 2, "imported_from": cfg.pairs.source.path, **n}
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
+    if cfg.pairs.source.path:
+        return import_run(ctx)
     tasks = store.read_table(ctx.inputs["tasks"]).to_pylist()
     gens = store.read_table(
         ctx.inputs["generate"],
@@ -194,7 +227,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
+    if cfg.pairs.source.path:
+        return {"import": cfg.pairs.source.path}
     return {"filter": cfg.pairs.filter}
 
 
-SPEC = StageSpec("pairs", ("tasks", "generate", "sysprompts", "adherence"), params, run, plan)
+def skip(cfg: CptConfig) -> tuple[str, ...]:
+    """Imported pairs need none of this run's data stages."""
+    return ("tasks", "generate", "sysprompts", "adherence") if cfg.pairs.source.path else ()
+
+
+SPEC = StageSpec(
+    "pairs", ("tasks", "generate", "sysprompts", "adherence"), params, run, plan, skip=skip
+)

@@ -63,4 +63,4 @@ def plan(cfg: CptConfig) -> dict[str, Any]:
     return {"rows": n, "shards": n_shards(n, cfg.sysprompts.shard_size)}
 
 
-SPEC = StageSpec("sysprompts", (), params, run, plan, gpu=True)
+SPEC = StageSpec("sysprompts", (), params, run, plan, runs=("teacher",))

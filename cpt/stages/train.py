@@ -14,7 +14,7 @@ from typing import Any
 from cpt import store
 from cpt.config import CptConfig, resolve_path
 from cpt.fitting import select_split
-from cpt.graph import StageContext, StageSpec
+from cpt.graph import TRAIN, StageContext, StageSpec
 
 
 def params(cfg: CptConfig) -> dict[str, Any]:
@@ -50,6 +50,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         deepspeed=cfg.deepspeed,
         callbacks=[wall_clock_checkpoints(cfg.cluster.checkpoint_every_min)],
     )
+    _free_gpu_memory()  # the next stage's engine (another process) needs it
     return {
         "rows": train_rows.num_rows,
         "n_shards": 0,
@@ -62,8 +63,26 @@ def run(ctx: StageContext) -> dict[str, Any]:
     }
 
 
+def _free_gpu_memory() -> None:
+    """Hand the trainer's cached GPU memory back to the device: the trainer holds reference
+    cycles, so the model goes only with a collection, and torch's allocator keeps freed blocks
+    reserved for this process until emptied."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def plan(cfg: CptConfig) -> dict[str, Any]:
-    return {"student": cfg.student.name, "deepspeed": cfg.deepspeed.name}
+    return {
+        "student": cfg.student.name,
+        "recipe": cfg.train.name,
+        "deepspeed": cfg.deepspeed.name,
+        "ranks": cfg.train.gpus * cfg.train.nodes or 1,
+    }
 
 
-SPEC = StageSpec("train", ("pairs",), params, run, plan, per_student=True, gpu=True)
+SPEC = StageSpec("train", ("pairs",), params, run, plan, per_student=True, runs=(TRAIN,))
