@@ -177,13 +177,13 @@ def test_multirun_with_basic_launcher(tmp_path):
 def test_training_recipe_is_chosen_by_the_hardware_and_said():
     from cpt.config import resolve_recipe
 
-    cfg = compose()
+    cfg = compose("train=auto")
     assert (
         cfg.train.name == "auto" and cfg.train.quantization == "none"
     )  # CPU values until resolved
     cpu, line = resolve_recipe(cfg, on_gpu=False)
-    assert cpu.train.name == "tiny" and cpu.train.learning_rate == 5e-4
-    assert line == "training recipe: tiny (train=auto: GPU=False given)"
+    assert cpu.train.name == "cpu" and cpu.train.learning_rate == 2e-4
+    assert line == "training recipe: cpu (train=auto: GPU=False given)"
     gpu, line = resolve_recipe(cfg, on_gpu=True)
     assert (gpu.train.name, gpu.train.quantization, gpu.train.optim) == (
         "paper",
@@ -193,7 +193,7 @@ def test_training_recipe_is_chosen_by_the_hardware_and_said():
     assert gpu.train.learning_rate == 5e-5 and gpu.train.max_length == 2048
     # a cluster profile with GPUs trains with the paper's recipe; an explicit choice is kept
     # but the launch says it is not the GPU recipe
-    on_cluster, line = resolve_recipe(compose("cluster=example_h100"))
+    on_cluster, line = resolve_recipe(compose("cluster=example_h100", "train=auto"))
     assert on_cluster.train.name == "paper" and "cluster profile 'example_h100'" in line
     _, line = resolve_recipe(compose("cluster=example_h100", "train=tiny"))
     assert "chosen with train=tiny although" in line and "train=paper" in line

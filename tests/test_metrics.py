@@ -6,7 +6,6 @@ Run: PYTHONPATH=. .venv/bin/pytest tests/test_metrics.py -q
 from __future__ import annotations
 
 import math
-import time
 import warnings
 
 import numpy as np
@@ -291,7 +290,9 @@ def test_summarize_interval_methods():
         summarize(df, SCALE, ci="normal")
 
 
-def test_bootstrap_ci_1000_resamples_of_10k_rows_under_2s():
+def test_bootstrap_ci_1000_resamples_of_10k_rows():
+    """Vectorised resampling at scale gives finite intervals around the point estimates (its
+    speed is measured by `python -m benchmarks --only data`, not asserted here)."""
     rng = np.random.default_rng(0)
     n = 10_000
     df = pd.DataFrame(
@@ -303,12 +304,12 @@ def test_bootstrap_ci_1000_resamples_of_10k_rows_under_2s():
             "judge_ok": True,
         }
     )
-    start = time.perf_counter()
-    bootstrap_ci(df, lambda d: float(np.mean(d["score"].to_numpy() > 50)), n_boot=1000)
-    assert time.perf_counter() - start < 2.0
-    start = time.perf_counter()
-    summarize(df, SCALE, n_boot=1000)
-    assert time.perf_counter() - start < 2.0
+    point = float(np.mean(df["score"].to_numpy() > 50))
+    lo, hi = bootstrap_ci(df, lambda d: float(np.mean(d["score"].to_numpy() > 50)), n_boot=1000)
+    assert lo <= point <= hi and hi - lo < 0.1
+    out = summarize(df, SCALE, n_boot=1000)
+    for key in ("accuracy", "kendall_tau", "spearman_rho"):
+        assert np.isfinite(out[f"{key}_ci"]).all()
 
 
 # --------------------------------------------------------------------------------------------
