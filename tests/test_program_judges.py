@@ -164,6 +164,10 @@ def test_experiment_concision_cpu_composes_and_validates():
     assert cfg.pairs.filter and cfg.pairs.min_margin > 0 and cfg.run_dir.endswith("concision_cpu")
     assert cfg.train.lora_r <= cfg.engine.max_lora_rank  # vLLM serves the adapter at evaluation
     assert all(".layers." in f".{m}" for m in cfg.train.target_modules)
+    from cpt.config import resolve_recipe
+
+    resolved, _ = resolve_recipe(cfg, on_gpu=False)  # the experiment's recipe survives launch
+    assert resolved.train == cfg.train and resolved.train.learning_rate == 5e-4
     assert validate(cfg) == []
     # later overrides still win over the experiment
     assert compose("experiment=concision_cpu", "tasks.num_tasks=6", tiny=False).tasks.num_tasks == 6
