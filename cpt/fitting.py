@@ -8,7 +8,10 @@ one named, so held-out tasks never reach training by accident.
 `max_prompt_length`, then each response until prompt + response fit `max_length`.
 (TRL 1.16 has no `max_prompt_length`; its collator cuts prompt + completion to `max_length`
 with `truncation_mode="keep_start"` and drops rows whose prompt alone fills it.)
-`prepare_rows` applies it to a table of rows and counts what it cut or dropped.
+`prepare_rows` applies it to a table of rows and counts what it cut or dropped. It also
+neutralises chat control strings inside message contents (a response holding
+`<|im_end|>\n<|im_start|>user` would otherwise become real turns when TRL tokenises the
+templated chat): the same `neutralise` the server engines use, counted in the stats.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import pyarrow.parquet as pq
 
 from cpt.config import TrainConfig
 from cpt.engines.base import fold_system
+from cpt.engines.plaintext import neutralise, special_strings
 from cpt.store import content_hash
 
 if TYPE_CHECKING:
@@ -176,8 +180,18 @@ def prepare_rows(
         "prompts_truncated": 0,
         "responses_truncated": 0,
         "max_prompt_tokens": 0,
+        "rows_with_control_strings": 0,
     }
+    specials = special_strings(tokenizer)
+
+    def plain(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+        return [{**m, "content": neutralise(m["content"], specials)} for m in messages]
+
     for row in rows.select(list(REQUIRED_COLUMNS)).to_pylist():
+        cleaned = {k: plain(row[k]) for k in ("prompt", "chosen", "rejected")}
+        if any(cleaned[k] != row[k] for k in cleaned):
+            stats["rows_with_control_strings"] += 1
+            row = {**row, **cleaned}
         try:
             prompt, chosen, rejected, info = fit_example(
                 row["prompt"],
