@@ -428,8 +428,19 @@ def train_dpo(
     if run.resume:
         log.info("train: resuming from %s", run.resume)
     trainer.train(resume_from_checkpoint=str(run.resume) if run.resume else None)
-    eval_metrics = trainer.evaluate() if run.eval_data is not None else None
+    eval_metrics = _final_eval(trainer) if run.eval_data is not None else None
     return _save(run, trainer, timer, eval_metrics)
+
+
+def _final_eval(trainer: Any) -> dict[str, float]:
+    """The held-out metrics at the last step: the Trainer's own evaluation when it ran one at
+    that step (eval_steps divides max_steps), else one now. Scoring the held-out rows twice
+    cost the CPU experiment 40 of its 62 training minutes."""
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") == step and "eval_loss" in entry:
+            return {k: v for k, v in entry.items() if k not in ("step",)}
+    return trainer.evaluate()
 
 
 # ------------------------------------------------------------------ command line

@@ -233,6 +233,32 @@ def test_latest_checkpoint_skips_half_written_ones(tmp_path):
     assert latest_checkpoint(tmp_path / "missing") is None
 
 
+def test_held_out_rows_are_scored_once_at_the_end(tiny, tmp_path):
+    """eval_steps divides max_steps: the Trainer's own last evaluation is the summary's, not a
+    second pass over the held-out rows (which cost the CPU experiment 40 minutes)."""
+    from transformers import TrainerCallback
+
+    class CountEvaluations(TrainerCallback):
+        calls = 0
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            CountEvaluations.calls += 1
+
+    cfg = learn_config(max_steps=2, save_steps=2)
+    train_dpo(
+        cfg,
+        tiny,
+        TRAIN_ROWS,
+        tmp_path,
+        eval_rows=HELD_OUT_ROWS,
+        use_cpu=True,
+        callbacks=[CountEvaluations()],
+    )
+    assert CountEvaluations.calls == 1
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert "eval_loss" in summary["eval"]
+
+
 def test_outputs_and_metrics(tiny, tmp_path):
     import pyarrow.parquet as pq
 
