@@ -211,7 +211,7 @@ def test_sweep_over_students_shares_data_stages_and_reports_both(run_dir):
         assert {r["model"] for r in rows} == {"base", "cpt"}
         assert {r["sample_idx"] for r in rows} == {0, 1}
     md = (run_dir / "report" / "report.md").read_text()
-    assert "| tiny |" in md and "| tiny_nosys |" in md and "## Judge agreement" in md
+    assert "| tiny |" in md and "| tiny_nosys |" in md and "## Judge self-agreement" in md
     assert (run_dir / "report" / "plots" / "tiny_nosys_scores.png").exists()
     # re-render from the run folder alone: nothing is recomputed
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "evaluate").rglob("*") if p.is_file()}
