@@ -445,7 +445,7 @@ def test_failing_stage_cancels_dependents_and_status_shows_its_log(tmp_path):
 @slurm_test
 def test_plan_prints_jobs_and_gpu_hours_and_submits_nothing(tmp_path):
     before = queue()
-    over = [f"run_dir={tmp_path}", "plan=true", *small()]
+    over = [f"run_dir={tmp_path}", "plan=true", "train=auto", *small()]
     out = launch(*over, "cluster=ci").stdout
     assert not (tmp_path / slurm.SLURM_SUBDIR).exists()
     specs = stage_specs()
@@ -456,7 +456,7 @@ def test_plan_prints_jobs_and_gpu_hours_and_submits_nothing(tmp_path):
         assert after == (",".join(spec.needs) or "-"), line
         planned = resolve_recipe(compose(*over, "cluster=ci"))[0]  # train=auto as the launch
         assert line.endswith(format_work(spec.plan(planned))), line  # shards etc.
-    assert "training recipe: tiny (train=auto: cluster profile 'ci' gives 0 GPU(s) per job)" in out
+    assert "training recipe: cpu (train=auto: cluster profile 'ci' gives 0 GPU(s) per job)" in out
     assert f"jobs to submit: {len(specs)}" in out
     assert "GPU-hours (upper bound, GPUs x time limit of each new job): 0.0" in out
     gpu = launch(*over, "cluster=example_h100").stdout  # a GPU site profile, planned only
