@@ -200,6 +200,11 @@ class EngineConfig:
     max_concurrency (`int`): in-flight requests to an OpenAI-compatible server.
     max_retries (`int`): retries of a failed server request, with exponential backoff.
     request_timeout_s (`float`): per-request time limit for servers.
+    prefix_caching (`bool`): vLLM keeps the KV cache of prompt prefixes it has computed and
+        reuses it for later prompts that start the same way (`enable_prefix_caching`), and
+        each engine call submits its requests sorted by prompt so that those sharing a prefix
+        run together; results keep the rows' order. The hit rate is in each stage's manifest
+        (`prefix_cache_hit_rate`). No effect on the hf and openai engines.
     """
 
     kind: EngineKind = EngineKind.hf
@@ -213,6 +218,7 @@ class EngineConfig:
     max_concurrency: int = 8
     max_retries: int = 4
     request_timeout_s: float = 300.0
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "engine.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -312,9 +318,18 @@ class TasksConfig:
 
 @dataclass
 class PromptsConfig:
-    """Prompt templates (text lives in conf/prompts/*.yaml; `cpt.prompts` fills them)."""
+    """Prompt templates (text lives in conf/prompts/*.yaml; `cpt.prompts` fills them).
+
+    prefix_layout (`bool`): lay prompts out so that requests differing only in the target
+    level (teacher) or only in the graded response (judge) share the longest prefix: the
+    teacher's targets, each named by its rubric, move after the task to the end of the prompt
+    (same text, other place); the judge's task block gets a delimiter nonce of its own per
+    (task, rubric) (`{{task_nonce}}`), the response keeps its fresh one. Off: the targets follow
+    their rubric and both blocks share the response's nonce (the layout before this switch).
+    """
 
     name: str = "default"
+    prefix_layout: bool = True
     teacher: str = MISSING
     teacher_target: str = MISSING  # per rubric: {{level}}, {{qualifier}}, optional {{band}}
     teacher_no_rubric: str = MISSING

@@ -69,6 +69,7 @@ class GenerateFactory:
                     "text": o.text,
                     "reasoning": o.reasoning,  # a reasoning model's thinking, never in `text`
                     "prompt_tokens": o.prompt_tokens,
+                    "cached_tokens": o.cached_tokens,  # of prompt_tokens, from a prefix cache
                     "completion_tokens": o.completion_tokens,
                     "finish_reason": o.finish_reason,
                     "ok": o.finish_reason != "error",
@@ -106,8 +107,13 @@ class JudgeFactory:
                 engine, items, sampling_of(self.model, 0), self.repair_template, self.max_attempts
             )
             tokens: dict[str, int] = {}
+            prompt: dict[str, int] = {}
+            cached: dict[str, int | None] = {}  # None once an attempt's engine did not say
             for c in completions:
                 tokens[c.id] = tokens.get(c.id, 0) + c.completion_tokens
+                prompt[c.id] = prompt.get(c.id, 0) + c.prompt_tokens
+                known = c.cached_tokens is not None and cached.get(c.id, 0) is not None
+                cached[c.id] = cached.get(c.id, 0) + c.cached_tokens if known else None
             return [
                 {
                     "id": r["id"],
@@ -119,6 +125,8 @@ class JudgeFactory:
                     "attempts": v.attempts,
                     "raw": v.raw,
                     "completion_tokens": tokens.get(r["id"], 0),
+                    "prompt_tokens": prompt.get(r["id"], 0),  # all attempts, as completion_tokens
+                    "cached_tokens": cached.get(r["id"]),
                 }
                 for r, v in zip(rows, verdicts)
             ]
@@ -143,7 +151,7 @@ def run_rows(
     part_rows = parallel.part_rows
     if not part_rows and (model.engine or engine.kind) in (EngineKind.hf, "hf"):
         part_rows = engine.batch_size  # the engine runs calls of batch_size anyway
-    return run_sharded(
+    stats = run_sharded(
         rows,
         out_dir,
         shard_size,
@@ -158,3 +166,22 @@ def run_rows(
         should_stop=should_stop,
         part_rows=part_rows,
     )
+    if stats.cached_tokens is None:
+        stats.prefix_cache = no_hit_rate(model, engine)
+    elif not engine.prefix_caching and (model.engine or engine.kind) in (EngineKind.vllm, "vllm"):
+        stats.prefix_cache = "off (engine.prefix_caching=false)"
+    return stats
+
+
+def no_hit_rate(model: ModelConfig, engine: EngineConfig) -> str:
+    """Why a stage run by this model has no prefix-cache hit rate."""
+    from cpt.config import ModelKind
+
+    kind = getattr(model.engine or engine.kind, "value", model.engine or engine.kind)
+    if ModelKind(model.kind) is ModelKind.program:
+        return "none: a program judge runs no model"
+    return {
+        "hf": "none: the hf engine keeps no prefix cache (engine=vllm has one)",
+        "openai": "none: the server reported no cached tokens "
+        "(vllm serve reports them with --enable-prompt-tokens-details)",
+    }.get(kind, "none: no shard recorded cached tokens")

@@ -214,8 +214,11 @@ def judge_grid(
     the task and the response between delimiters tagged with a nonce (column `nonce`) that
     `judge_nonce` derives from `nonce_key` (the stage's secret; None: a fresh random key).
     `parts` gives a response's (rubric, level) parts; `meta` the columns carried to the
-    output row. Column `not_judged` says why a row is not sent to the judge ("" if it is):
-    a failed generation, a response or task holding the nonce, or (unless
+    output row. With `prompts.prefix_layout` the task's delimiters carry a nonce of their own
+    (column `task_nonce`), one per (task, rubric) under the same key, so the prompts of one
+    task share their head up to the response; else `task_nonce` equals `nonce`.
+    Column `not_judged` says why a row is not sent to the judge ("" if it is):
+    a failed generation, a response or task holding either nonce, or (unless
     `judge_truncated`) a response cut at its generator's max_new_tokens (column `truncated`:
     never judged as if complete, counted apart as `TRUNCATED`). Column
     `response_truncated` marks responses cut to fit the judge's context."""
@@ -226,27 +229,30 @@ def judge_grid(
     fitter = ResponseFitter(cfg.judge)
     key = nonce_key if nonce_key is not None else secrets.token_bytes(32)
     rows = []
+    shared = cfg.prompts.prefix_layout
     for g in responses:
         task = tasks[g["task_id"]]
         for part_rubric, part_level in parts(g):
             nonce = judge_nonce(key, tag, g["id"], part_rubric)
-            rubric = rubrics[part_rubric]
-            response, cut = fitter.fit(
-                functools.partial(judge_messages, cfg.prompts, rubric, task, nonce=nonce),
-                g["text"] or "",
-                (part_rubric, g["task_id"]),
+            task_nonce = (
+                judge_nonce(key, f"{tag}-task", g["task_id"], part_rubric) if shared else nonce
             )
+            rubric = rubrics[part_rubric]
+            messages_for = functools.partial(
+                judge_messages, cfg.prompts, rubric, task, nonce=nonce, task_nonce=task_nonce
+            )
+            response, cut = fitter.fit(messages_for, g["text"] or "", (part_rubric, g["task_id"]))
             not_judged = ""
             if g.get("ok") is False:
                 not_judged = "generation failed: not judged"
-            elif nonce in response or nonce in task:
+            elif any(n in text for n in (nonce, task_nonce) for text in (response, task)):
                 not_judged = "the response or task contains the judge's delimiter nonce: not judged"
             elif g.get("finish_reason") == "length" and not judge_truncated:
                 not_judged = TRUNCATED
             rows.append(
                 work_row(
                     content_hash([tag, g["id"], part_rubric]),
-                    judge_messages(cfg.prompts, rubric, task, response, nonce),
+                    messages_for(response),
                     cfg.seed,
                     gen_id=g["id"],
                     task_id=g["task_id"],
@@ -256,6 +262,7 @@ def judge_grid(
                     part_level=part_level,
                     sample_idx=g["sample_idx"],
                     nonce=nonce,
+                    task_nonce=task_nonce,
                     not_judged=not_judged,
                     response_truncated=cut,
                     truncated=g.get("finish_reason") == "length",

@@ -67,9 +67,16 @@ class RunStats:
     failures: int
     retried_shards: int
     rows_reused: int = 0  # rows of interrupted shards kept from their part-files
+    prompt_tokens: int = 0
+    cached_tokens: int | None = None  # of prompt_tokens, from a prefix cache; None: not known
+    prefix_cache: str = ""  # why there is no hit rate, or that the cache was off
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
+        """The stats as the manifest keeps them, with `prefix_cache_hit_rate`: the share of
+        prompt tokens the engine served from its prefix cache (None: not reported)."""
+        known = self.cached_tokens is not None and self.prompt_tokens > 0
+        rate = round(self.cached_tokens / self.prompt_tokens, 4) if known else None
+        return {**vars(self), "prefix_cache_hit_rate": rate}
 
 
 def plan_shards(ids: Sequence[str], shard_size: int) -> list[list[int]]:
@@ -104,6 +111,8 @@ def write_rows(out_dir: Path, index: int, rows: list[Row], stats: dict[str, Any]
         **stats,
         "tokens": sum(int(r.get("completion_tokens", 0) or 0) for r in rows),
         "failures": sum(1 for r in rows if r.get("ok") is False),
+        "prompt_tokens": sum(int(r.get("prompt_tokens", 0) or 0) for r in rows),
+        "cached_tokens": _sum_known(r.get("cached_tokens") for r in rows),
     }
     return store.write_shard(out_dir, index, _table(rows), stats)
 
@@ -292,7 +301,15 @@ def run_sharded(
         failures=sum(r.get("failures", 0) for r in receipts),
         retried_shards=retried,
         rows_reused=reused,
+        prompt_tokens=sum(r.get("prompt_tokens", 0) for r in receipts),
+        cached_tokens=_sum_known(r.get("cached_tokens") for r in receipts),
     )
+
+
+def _sum_known(values) -> int | None:
+    """The sum of the values that are not None; None if every one is."""
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def _make_actor_class():

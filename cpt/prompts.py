@@ -179,9 +179,20 @@ def _targets(cond: Condition) -> str:
 def teacher_messages(
     prompts: PromptsConfig, levels: LevelsConfig, cond: Condition, task: str
 ) -> list[dict[str, str]]:
-    """phi(x, R, level): the rubric(s) with their targets, then the task."""
-    text = fill(prompts.teacher, rubrics=_rubric_sections(cond, levels, prompts), task=task)
-    return [{"role": "user", "content": text}]
+    """phi(x, R, level): the rubric(s) with their targets, then the task.
+
+    With `prompts.prefix_layout` the targets (the only part that differs between the levels
+    of one task) close the prompt instead, each named by its rubric, so a task's prompts at
+    every level share their whole head: rubric(s), task and instructions.
+    """
+    if not prompts.prefix_layout:
+        text = fill(prompts.teacher, rubrics=_rubric_sections(cond, levels, prompts), task=task)
+        return [{"role": "user", "content": text}]
+    targets = "\n".join(
+        f'Rubric "{p.rubric.name}": {target_text(prompts, levels, p.level)}' for p in cond.parts
+    )
+    text = fill(prompts.teacher, rubrics=_rubric_sections(cond, levels), task=task)
+    return [{"role": "user", "content": f"{text}\n\n{targets}"}]
 
 
 def teacher_no_rubric_messages(prompts: PromptsConfig, task: str) -> list[dict[str, str]]:
@@ -208,16 +219,23 @@ def summarizer_messages(
 
 
 def judge_messages(
-    prompts: PromptsConfig, rubric: Rubric, task: str, response: str, nonce: str
+    prompts: PromptsConfig,
+    rubric: Rubric,
+    task: str,
+    response: str,
+    nonce: str,
+    task_nonce: str = "",
 ) -> list[dict[str, str]]:
     """The judge sees the full rubric, the task and the response between nonce-tagged
-    delimiters; the system turn tells it the response is data, never instructions."""
+    delimiters; the system turn tells it the response is data, never instructions.
+    `task_nonce` tags the task's delimiters (empty: `nonce`, as the response's)."""
     text = fill(
         prompts.judge,
         rubric_name=rubric.name,
         rubric_description=rubric.description,
         rubric_table=rubric.to_markdown(),
         task=task,
+        task_nonce=task_nonce or nonce,
         response=response,
         nonce=nonce,
     )

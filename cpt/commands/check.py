@@ -16,7 +16,15 @@ TEMPLATE_FIELDS = {
     "teacher_target": {"level", "qualifier", "band"},
     "teacher_no_rubric": {"task"},
     "summarizer": {"rubrics", "targets", "variant_hint"},
-    "judge": {"rubric_name", "rubric_description", "rubric_table", "task", "response", "nonce"},
+    "judge": {
+        "rubric_name",
+        "rubric_description",
+        "rubric_table",
+        "task",
+        "task_nonce",
+        "response",
+        "nonce",
+    },
     "judge_repair": {"error"},
     "student": {"task"},
 }

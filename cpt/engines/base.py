@@ -50,6 +50,9 @@ class Completion:
     finish_reason: str  # "stop" (EOS / stop string), "length" (hit max_new_tokens), "error"
     error: str = ""
     reasoning: str = ""  # thinking of a reasoning model, kept out of `text` (engines.reasoning)
+    # prompt tokens served from the engine's prefix cache (None: the engine does not say);
+    # how the answer was computed, not what it is, so it takes no part in ==
+    cached_tokens: int | None = field(default=None, compare=False)
 
 
 class Engine(Protocol):

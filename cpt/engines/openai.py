@@ -181,6 +181,8 @@ class OpenAIEngine:
             return error_completion(req, "server returned no choices")
         choice = resp.choices[0]
         usage = resp.usage
+        # a server that reports prefix-cache hits (vllm serve --enable-prompt-tokens-details)
+        details = getattr(usage, "prompt_tokens_details", None)
         text = choice.message.content or ""
         # a server with a reasoning parser returns the thinking apart; else split it here
         reasoning = getattr(choice.message, "reasoning_content", None) or ""
@@ -193,6 +195,7 @@ class OpenAIEngine:
             completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
             finish_reason=choice.finish_reason or "stop",
             reasoning=reasoning,
+            cached_tokens=getattr(details, "cached_tokens", None),
         )
 
     def _redact(self, text: str) -> str:

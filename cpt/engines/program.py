@@ -5,8 +5,9 @@ engine answers a judge prompt by running a registered program (`cpt.program_judg
 response and returning the JSON an LLM judge would (`{"critique": ..., "score": ...}`), so
 stages never know which judge ran. It reads the response between the judge template's
 `<<<RESPONSE <nonce>` / `RESPONSE <nonce>>>>` markers, the nonce taken from the first
-`<<<TASK <nonce>` marker: the response cannot know the nonce, so text inside it that imitates
-a marker stays part of the response. It reads the rubric from the template's first line,
+`<<<RESPONSE <nonce>` marker after the task block (which ends at `TASK <task nonce>>>>`, the
+task nonce taken from the first `<<<TASK <nonce>` marker): neither the task nor the response
+can know a nonce, so text inside them that imitates a marker stays part of them. It reads the rubric from the template's first line,
 `Rubric "<name>"`, to pick the rubric's own program when `judge.program` is empty.
 """
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from cpt.config import EngineConfig, ModelConfig
 
 _TASK_MARK = re.compile(r"<<<TASK (\w+)\n")
+_RESPONSE_MARK = re.compile(r"<<<RESPONSE (\w+)\n")
 _RUBRIC = re.compile(r'^Rubric "([^"\n]+)"')
 
 
@@ -31,13 +33,15 @@ def response_of(prompt: str) -> str:
     task = _TASK_MARK.search(prompt)
     if not task:
         raise ValueError("no <<<TASK <nonce> marker in the judge prompt (prompts.judge)")
-    nonce = task.group(1)
-    start_mark, end_mark = f"<<<RESPONSE {nonce}\n", f"\nRESPONSE {nonce}>>>"
-    start = prompt.find(start_mark, task.end())
-    end = prompt.rfind(end_mark)
-    if start < 0 or end < start:
+    task_end = prompt.find(f"\nTASK {task.group(1)}>>>", task.end())
+    opening = _RESPONSE_MARK.search(prompt, task_end) if task_end >= 0 else None
+    if not opening:
+        raise ValueError("no <<<RESPONSE <nonce> marker after the task in the judge prompt")
+    nonce = opening.group(1)
+    end = prompt.rfind(f"\nRESPONSE {nonce}>>>")
+    if end < opening.end():
         raise ValueError(f"no RESPONSE {nonce} markers in the judge prompt (prompts.judge)")
-    return prompt[start + len(start_mark) : end]
+    return prompt[opening.end() : end]
 
 
 def rubric_of(prompt: str) -> str:

@@ -76,6 +76,10 @@ class VLLMEngine:
       so only the bad requests become error completions; an error that every part of the
       batch hits (the engine's, not a request's) fails the batch at once, logged as an error.
     - CPU: chunked prefill off (`cpu_scheduler`), so per-request seeds work with long prompts.
+    - Prefix caching (`engine.prefix_caching`, on by default): `enable_prefix_caching`, and
+      each call's requests are submitted sorted by (adapter, prompt token ids), so prompts
+      that share a head run next to each other; completions keep the order of `requests`
+      and carry `cached_tokens` (vLLM's `num_cached_tokens`: prompt tokens not recomputed).
     - Prompts of templates that inject a default system prompt get an explicit empty system
       turn (`blank_system`); reasoning models get `template_kwargs` and their `<think>` text
       split off into `Completion.reasoning` (`cpt.engines.reasoning`).
@@ -124,6 +128,7 @@ class VLLMEngine:
             "trust_remote_code": trust,
             "seed": seed,
             "enforce_eager": cpu,
+            "enable_prefix_caching": engine.prefix_caching,
             **(cpu_scheduler(model.max_model_len) if cpu else {}),
             # compact JSON; vLLM's xgrammar backend reads this flag only from the engine
             # config (StructuredOutputsParams.disable_any_whitespace is ignored per request)
@@ -177,6 +182,8 @@ class VLLMEngine:
                 todo.append(
                     (i, {"prompt_token_ids": ids}, self._params(req, room), self._lora(req.adapter))
                 )
+        if todo and self.engine_cfg.prefix_caching:  # shared heads side by side
+            todo.sort(key=lambda t: (t[3].lora_int_id if t[3] else 0, t[1]["prompt_token_ids"]))
         if todo:
             done.update(self._run(todo, requests))
         return [done[i] for i in range(len(requests))]
@@ -280,6 +287,7 @@ class VLLMEngine:
                 completion_tokens=len(o.token_ids),
                 finish_reason=o.finish_reason or "length",
                 reasoning=reasoning,
+                cached_tokens=int(getattr(out, "num_cached_tokens", 0) or 0),
             )
         return result
 

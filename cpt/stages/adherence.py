@@ -27,6 +27,7 @@ def params(cfg: CptConfig) -> dict[str, Any]:
         "engine": (cfg.judge.engine or cfg.engine.kind),
         "rubrics": [r.content_hash() for r in load_selected_rubrics(cfg)],
         "templates": [cfg.prompts.judge_system, cfg.prompts.judge, cfg.prompts.judge_repair],
+        "prefix_layout": cfg.prompts.prefix_layout,  # the task block's own nonce
         "adherence": cfg.adherence,
         "seed": cfg.seed,
     }

@@ -75,6 +75,7 @@ def params(cfg: CptConfig) -> dict[str, Any]:
             cfg.prompts.judge,
             cfg.prompts.judge_repair,
         ],
+        "prefix_layout": cfg.prompts.prefix_layout,  # the judge's task block's own nonce
         "evaluate": cfg.evaluate,
         "seed": cfg.seed,
     }

@@ -34,6 +34,7 @@ def params(cfg: CptConfig) -> dict[str, Any]:
             cfg.prompts.teacher_target,
             cfg.prompts.teacher_no_rubric,
         ],
+        "prefix_layout": cfg.prompts.prefix_layout,  # where the targets stand
         "generate": cfg.generate,
         "seed": cfg.seed,
     }
