@@ -20,8 +20,8 @@ emptied before each. Figures: completion tokens per second of the workers' wall 
 tokens, prefill tokens computed (prompt tokens minus those served from the cache), the hit
 rate. Target: `on` >= 1.3x `off` in tok/s on both workloads.
 
-    python -m benchmarks.bench_prefix            # SmolLM2-135M, 12 tasks, 3 sides (~10 min on 2 CPU cores)
-    python -m benchmarks.bench_prefix --quick    # SmolLM2-135M, 3 tasks, short answers, on/off (~2 min)
+    python -m benchmarks.bench_prefix            # SmolLM2-135M, 6 tasks (the local default grid), 3 sides
+    python -m benchmarks.bench_prefix --quick    # SmolLM2-135M, 2 tasks, short answers, no repairs, on/off
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def overrides(ns: argparse.Namespace, side: str) -> list[str]:
         f"tasks.num_tasks={ns.tasks}",
         f"teacher.sampling.max_new_tokens={ns.gen_tokens}",
         f"judge.sampling.max_new_tokens={ns.judge_tokens}",
+        f"adherence.max_attempts={1 if ns.quick else 3}",  # quick: no repair round
         *SIDES[side],
     ]
 
@@ -108,6 +109,7 @@ def run_side(ns: argparse.Namespace) -> dict[str, Any]:
     warm = [Request(f"w{i}", ({"role": "user", "content": f"Say hi {i}."},)) for i in range(2)]
     engine.generate([Request(r.id, r.messages, Sampling(8, 0.0)) for r in warm])
     figures: dict[str, Any] = {"load_s": load_s}
+    print(f"side {ns.side}: engine loaded in {load_s:.0f} s", file=sys.stderr, flush=True)
     for name, (worker, rows, shard_size) in workers.items():
         engine.llm.reset_prefix_cache()
         shards = plan_shards([r["id"] for r in rows], shard_size)
@@ -125,6 +127,7 @@ def run_side(ns: argparse.Namespace) -> dict[str, Any]:
             "hit_rate": cached / prompt if prompt else 0.0,
             "failures": sum(o["ok"] is False for o in out),
         }
+        print(f"side {ns.side}: {name}: {figures[name]}", file=sys.stderr, flush=True)
     engine.close()
     return figures
 
@@ -134,7 +137,7 @@ def spawn(ns: argparse.Namespace, side: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-prefix-") as tmp:
         out = Path(tmp) / "side.json"
         cmd = [sys.executable, "-m", "benchmarks.bench_prefix", "--side", side, "--side-json",
-               str(out), "--model", ns.model, "--tasks", str(ns.tasks),
+               str(out), "--model", ns.model, "--tasks", str(ns.tasks), *(["--quick"] if ns.quick else []),
                "--gen-tokens", str(ns.gen_tokens), "--judge-tokens", str(ns.judge_tokens)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -163,7 +166,7 @@ def table(runs: dict[str, dict], workload: str) -> str:
 
 
 def main(ns: argparse.Namespace) -> dict[str, Any]:
-    sides = ("off", "on") if ns.quick else ("off", "on", "cache_only")
+    sides = ns.sides or (("off", "on") if ns.quick else ("off", "on", "cache_only"))
     runs: dict[str, dict] = {}
     errors: list[str] = []
     for side in sides:
@@ -232,16 +235,19 @@ if __name__ == "__main__":
     ap.add_argument(
         "--model", default="smollm2_135m", help="teacher and judge preset (conf/models)"
     )
-    ap.add_argument("--tasks", type=int, default=0, help="shipped tasks; 0: 12 (3 with --quick)")
+    ap.add_argument("--tasks", type=int, default=0, help="shipped tasks; 0: 6 (2 with --quick)")
     ap.add_argument("--gen-tokens", type=int, default=0, help="0: 160 (32 with --quick)")
-    ap.add_argument("--judge-tokens", type=int, default=0, help="0: 160 (96 with --quick)")
+    ap.add_argument("--judge-tokens", type=int, default=0, help="0: 160 (64 with --quick)")
+    ap.add_argument(
+        "--sides", nargs="+", choices=sorted(SIDES), help="default: all (off on: quick)"
+    )
     ap.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--side-json", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the result here (for benchmarks.run)")
     ns = ap.parse_args()
-    ns.tasks = ns.tasks or (3 if ns.quick else 12)
+    ns.tasks = ns.tasks or (2 if ns.quick else 6)
     ns.gen_tokens = ns.gen_tokens or (32 if ns.quick else 160)
-    ns.judge_tokens = ns.judge_tokens or (96 if ns.quick else 160)
+    ns.judge_tokens = ns.judge_tokens or (64 if ns.quick else 160)
     if ns.side:  # a child: one side, figures as JSON
         Path(ns.side_json).write_text(json.dumps(run_side(ns)))
         sys.exit(0)
