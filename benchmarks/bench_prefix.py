@@ -140,10 +140,9 @@ def spawn(ns: argparse.Namespace, side: str) -> dict[str, Any]:
                str(out), "--model", ns.model, "--tasks", str(ns.tasks), *(["--quick"] if ns.quick else []),
                "--gen-tokens", str(ns.gen_tokens), "--judge-tokens", str(ns.judge_tokens)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL)  # log: stderr
         if proc.returncode != 0 or not out.exists():
-            tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
-            raise RuntimeError(f"side {side} failed (exit {proc.returncode}): {tail}")
+            raise RuntimeError(f"side {side} failed (exit {proc.returncode}); its log is above")
         return json.loads(out.read_text())
 
 
