@@ -69,7 +69,7 @@ class GenerateFactory:
                     "text": o.text,
                     "reasoning": o.reasoning,  # a reasoning model's thinking, never in `text`
                     "prompt_tokens": o.prompt_tokens,
-                    "cached_tokens": o.cached_tokens,  # of prompt_tokens, from a prefix cache
+                    "cached_tokens": o.cached_tokens,  # into the receipt (parallel.write_rows)
                     "completion_tokens": o.completion_tokens,
                     "finish_reason": o.finish_reason,
                     "ok": o.finish_reason != "error",

@@ -106,7 +106,9 @@ def _table(rows: list[Row]) -> pa.Table:
 
 
 def write_rows(out_dir: Path, index: int, rows: list[Row], stats: dict[str, Any]) -> dict:
-    """One shard from output rows (the first key of each row must be `id`)."""
+    """One shard from output rows (the first key of each row must be `id`). A row's
+    `cached_tokens` (prompt tokens served from a prefix cache) is summed into the receipt and
+    not stored: it says how the row was computed, not what it is, and varies run to run."""
     stats = {
         **stats,
         "tokens": sum(int(r.get("completion_tokens", 0) or 0) for r in rows),
@@ -114,6 +116,7 @@ def write_rows(out_dir: Path, index: int, rows: list[Row], stats: dict[str, Any]
         "prompt_tokens": sum(int(r.get("prompt_tokens", 0) or 0) for r in rows),
         "cached_tokens": _sum_known(r.get("cached_tokens") for r in rows),
     }
+    rows = [{k: v for k, v in r.items() if k != "cached_tokens"} for r in rows]
     return store.write_shard(out_dir, index, _table(rows), stats)
 
 

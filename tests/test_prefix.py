@@ -126,6 +126,7 @@ def test_the_layout_is_part_of_the_stage_key(stage):
 
 
 def test_run_stats_sum_cached_tokens_into_a_hit_rate(tmp_path):
+    from cpt import store
     from cpt.parallel import run_sharded
 
     def factory():
@@ -139,6 +140,7 @@ def test_run_stats_sum_cached_tokens_into_a_hit_rate(tmp_path):
     stats = run_sharded(rows, tmp_path / "a", 2, factory, backend="inline").as_dict()
     assert (stats["prompt_tokens"], stats["cached_tokens"]) == (400, 100)
     assert stats["prefix_cache_hit_rate"] == 0.25
+    assert "cached_tokens" not in store.read_shards(tmp_path / "a", 2).column_names  # receipt only
     none = [{"id": f"r{i}", "c": None} for i in range(2)]
     stats = run_sharded(none, tmp_path / "b", 2, factory, backend="inline").as_dict()
     assert stats["cached_tokens"] is None and stats["prefix_cache_hit_rate"] is None
