@@ -7,8 +7,9 @@ stages never know which judge ran. It reads the response between the judge templ
 `<<<RESPONSE <nonce>` / `RESPONSE <nonce>>>>` markers, the nonce taken from the first
 `<<<RESPONSE <nonce>` marker after the task block (which ends at `TASK <task nonce>>>>`, the
 task nonce taken from the first `<<<TASK <nonce>` marker): neither the task nor the response
-can know a nonce, so text inside them that imitates a marker stays part of them. It reads the rubric from the template's first line,
-`Rubric "<name>"`, to pick the rubric's own program when `judge.program` is empty.
+can know a nonce, so text inside them that imitates a marker stays part of them. It reads the
+rubric from the template's first line, `Rubric "<name>"`, to pick the rubric's own program
+when `judge.program` is empty.
 """
 
 from __future__ import annotations
