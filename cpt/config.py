@@ -606,9 +606,16 @@ class TrainConfig:
 
         beta (`float`, defaults to `0.1`): DPO β, the strength of the pull towards the reference
             (paper; also TRL's default). Higher β = smaller deviation from the base.
-        precompute_ref_log_probs (`bool`, defaults to `False`): compute the reference log-probs
-            once before training (TRL caches them keyed by data + model hash) instead of one
-            adapter-disabled forward per step; faster for several epochs.
+        ref_table (`bool`, defaults to `True`): read the reference log-probs from a shared table
+            (`<run_dir>/reflogps/<student>-<key>/`, Parquet, `cpt.reftable`) instead of one
+            adapter-disabled forward per step and evaluation: built once per (base model,
+            weights, precision, token ids of the rows, max length) and reused by every run
+            that shares them (a `train.beta` sweep, seeds, learning rates). Same losses; the
+            train manifest's `ref_table` says whether it was computed or reused, and from
+            where. Overrides `precompute_ref_log_probs`.
+        precompute_ref_log_probs (`bool`, defaults to `False`): without `ref_table`: compute the
+            reference log-probs once before training (TRL, in memory, for this run only)
+            instead of one adapter-disabled forward per step; faster for several epochs.
 
         > Optimisation
 
@@ -683,6 +690,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     save_steps: int = 50
     seed: int = 0
+    ref_table: bool = True
     precompute_ref_log_probs: bool = False
     logging_steps: int = 1
     gpus: int = 1
