@@ -51,6 +51,7 @@ log = logging.getLogger("cpt.train")
 
 COLUMNS = ("id", "ref_chosen_logps", "ref_rejected_logps")
 CHECK_ROWS = 2  # rows whose stored values are re-derived with a plain HF forward on a build
+BATCH_ROWS = 8  # rows per batch of the build's forward (no gradients, rows sorted by length)
 
 
 @dataclass
@@ -213,11 +214,17 @@ def _datasets(trainer) -> dict[str, Any]:
     }
 
 
-def _forward(trainer, dataset, batch_size: int):
+def _forward(trainer, dataset, batch_size: int) -> tuple[list[float], list[float]]:
     """TRL's precompute loop (`DPOTrainer._precompute_ref_logps`) without its datasets cache
-    file: the trainer's collator and reference function, the dataloader split over ranks."""
+    file: the trainer's collator and reference function, the dataloader split over ranks
+    (gathered back in dataset order). Rows go in by length, so batches pad little."""
     import torch
     from torch.utils.data import DataLoader
+
+    cols = [dataset[c] for c in ("prompt_ids", "chosen_ids", "rejected_ids")]
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(*cols, strict=True)]
+    order = sorted(range(len(dataset)), key=lengths.__getitem__)
+    dataset = dataset.select(order)
 
     loader = trainer.accelerator.prepare(
         DataLoader(dataset, batch_size=batch_size, collate_fn=trainer.data_collator, shuffle=False)
@@ -233,7 +240,12 @@ def _forward(trainer, dataset, batch_size: int):
         c, r = trainer.accelerator.gather_for_metrics((c, r))
         chosen.append(c.float().cpu())
         rejected.append(r.float().cpu())
-    return torch.cat(chosen).tolist(), torch.cat(rejected).tolist()
+    out_c, out_r = [0.0] * len(order), [0.0] * len(order)
+    for i, c, r in zip(
+        order, torch.cat(chosen).tolist(), torch.cat(rejected).tolist(), strict=True
+    ):
+        out_c[i], out_r[i] = c, r
+    return out_c, out_r
 
 
 def _hf_check(trainer, dataset, chosen: list[float], rejected: list[float]) -> dict[str, Any]:
@@ -295,7 +307,7 @@ def use_table(
 
     def compute() -> tuple[pa.Table, dict[str, Any]]:
         t = time.perf_counter()
-        batch = args.precompute_ref_batch_size or args.per_device_train_batch_size
+        batch = args.precompute_ref_batch_size or max(BATCH_ROWS, args.per_device_train_batch_size)
         values = {name: _forward(trainer, ds, batch) for name, ds in sets.items()}
         main = trainer.accelerator.is_main_process
         check = _hf_check(trainer, sets["train"], *values["train"]) if main else None
