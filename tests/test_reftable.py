@@ -20,6 +20,7 @@ import torch
 
 from cpt import reftable, store
 from cpt.config import ModelConfig, TrainConfig
+from cpt.fitting import rows_fingerprint
 from cpt.models.flip import flip_rows
 from cpt.models.tiny import tiny_model_dir
 from cpt.reftable import load_table
@@ -60,7 +61,7 @@ def config(**kw) -> TrainConfig:
 
 def _built_key(tiny, tmp_path, cfg: TrainConfig, rows=ROWS) -> dict:
     """Build the trainer (and so the table) without training; the table's use record."""
-    out = tmp_path / "out" / store.content_hash([cfg, rows.num_rows, rows["id"].to_pylist()])
+    out = tmp_path / "out" / store.content_hash([cfg, rows_fingerprint(rows)])
     run = _setup(cfg, tiny, rows, out, None, None, True)
     run.ref_tables = tmp_path / "reflogps"
     _trainer(run, _StepTimer(), None)
