@@ -52,6 +52,7 @@ log = logging.getLogger("cpt.train")
 COLUMNS = ("id", "ref_chosen_logps", "ref_rejected_logps")
 CHECK_ROWS = 2  # rows whose stored values are re-derived with a plain HF forward on a build
 BATCH_ROWS = 8  # rows per batch of the build's forward (no gradients, rows sorted by length)
+_NUMERIC_PACKAGES = ("torch", "transformers", "trl")  # their versions are in the key
 
 
 @dataclass
@@ -98,7 +99,7 @@ def weights_identity(model_path: str, revision: str) -> dict[str, Any]:
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         return {"files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
     commit = None
-    with contextlib.suppress(Exception):  # no hub library or no cache: the revision names it
+    with contextlib.suppress(ImportError, OSError, ValueError):  # not cached: the revision names it
         from huggingface_hub import try_to_load_from_cache
 
         found = try_to_load_from_cache(model_path, "config.json", revision=revision)
@@ -121,9 +122,6 @@ def table_key(model: dict[str, Any], precision: str, max_length: int | None, ids
         },
         32,
     )
-
-
-_NUMERIC_PACKAGES = ("torch", "transformers", "trl")
 
 
 # ------------------------------------------------------------------------- storage
