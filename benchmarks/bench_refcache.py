@@ -10,8 +10,12 @@ and an evaluation on the held-out rows (a fifth of the tasks, as `tasks=shipped`
 `save_steps` (here half-way and at the end). Target: >= 1.3x less total training time, and
 identical losses (within 1e-4) at step 1 (and at every later step, reported).
 
-    python -m benchmarks.bench_refcache            # builtin:smollm2-135m, 3 x 24 rows, 1 epoch
-    python -m benchmarks.bench_refcache --quick    # builtin:tiny, longer rows (about a minute)
+    python -m benchmarks.bench_refcache            # builtin:tiny, 96 rows, answers x3 (longer)
+    python -m benchmarks.bench_refcache --quick    # builtin:tiny, 48 rows (about a minute idle)
+    python -m benchmarks.bench_refcache --model builtin:smollm2-135m --tasks 12   # the real model
+
+The full mode runs the tiny model with longer sequences: SmolLM2-135M's sweep (6 runs + a
+warm-up) took over 30 min on the shared 2-core machine, past the ~10 min a full benchmark gets.
 """
 
 from __future__ import annotations
@@ -41,9 +45,12 @@ ORNATE = (
 PLAIN = ("The {t} is fine. It works. It does what a {t} does, and there is not much more to say.",)
 
 
-def rows(n_tasks: int, prefix: str):
+def rows(n_tasks: int, prefix: str, repeat: int = 1):
+    """Two preference rows per task; `repeat` lengthens both answers (longer sequences)."""
     topics = [f"object number {i}" for i in range(n_tasks)]
-    return flip_rows(topics, prefix, ORNATE, PLAIN, ask="Describe the {t} in a few sentences.")
+    ornate = tuple(" ".join([a] * repeat) for a in ORNATE)
+    plain = tuple(" ".join([a] * repeat) for a in PLAIN)
+    return flip_rows(topics, prefix, ornate, plain, ask="Describe the {t} in a few sentences.")
 
 
 def one_run(cfg, student, train, held, out: Path, tables: Path | None):
@@ -54,10 +61,10 @@ def one_run(cfg, student, train, held, out: Path, tables: Path | None):
     return time.perf_counter() - t, time.process_time() - cpu, result
 
 
-def main(quick: bool, tasks: int, held_tasks: int, threads: int, model: str) -> dict:
+def main(quick: bool, tasks: int, held_tasks: int, threads: int, model: str, repeat: int) -> dict:
     torch.set_num_threads(threads)
     student = ModelConfig(name=model.split(":")[-1], path=model)
-    train, held = rows(tasks, "b"), rows(held_tasks, "h")
+    train, held = rows(tasks, "b", repeat), rows(held_tasks, "h", repeat)
     batch, accum = 2, 2
     base = dict(
         epochs=1.0,  # every training row once, as the paper's recipe
@@ -70,7 +77,7 @@ def main(quick: bool, tasks: int, held_tasks: int, threads: int, model: str) -> 
         save_steps=max(1, (2 * tasks) // (batch * accum) // 2),
         lora_r=8,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        max_length=320,
+        max_length=320 * repeat,
         max_prompt_length=192,
     )
     times: dict[str, list[float]] = {"live": [], "table": []}
@@ -90,6 +97,8 @@ def main(quick: bool, tasks: int, held_tasks: int, threads: int, model: str) -> 
                 seconds, cpu_s, result = one_run(cfg, student, train, held, out, tables)
                 times[path].append(seconds)
                 cpu[path].append(cpu_s)
+                status = result.ref_table["status"] if result.ref_table else "live reference"
+                print(f"beta={beta} {status}: {seconds:.1f} s wall, {cpu_s:.1f} s CPU", flush=True)
                 results[path].append(result)
                 shutil.rmtree(out, ignore_errors=True)
     live, table = sum(times["live"]), sum(times["table"])
@@ -131,7 +140,7 @@ def main(quick: bool, tasks: int, held_tasks: int, threads: int, model: str) -> 
         "header": [
             f"device={device}  threads={threads}  model={model}  train rows={train.num_rows}  "
             f"held-out rows={held.num_rows}  steps/run={steps} (1 epoch, batch {batch}x{accum})  "
-            f"betas={list(BETAS)}  max_length={base['max_length']}"
+            f"betas={list(BETAS)}  max_length={base['max_length']}  answers x{repeat}"
         ],
         "tables": [
             md_table(
@@ -188,11 +197,12 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true", help="builtin:tiny, fewer rows")
     ap.add_argument("--tasks", type=int, default=0, help="training tasks (2 rows each)")
     ap.add_argument("--held-tasks", type=int, default=0, help="held-out tasks (2 rows each)")
-    ap.add_argument("--model", default="", help="default: builtin:tiny (quick), smollm2 (full)")
+    ap.add_argument("--model", default="builtin:tiny", help="e.g. builtin:smollm2-135m")
+    ap.add_argument("--repeat", type=int, default=0, help="answer length x (default 1 quick, 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest)")
     ap.add_argument("--json", help="also write the result here (for benchmarks.run)")
     ns = ap.parse_args()
-    model = ns.model or ("builtin:tiny" if ns.quick else "builtin:smollm2-135m")
-    tasks = ns.tasks or (24 if ns.quick else 12)
+    tasks = ns.tasks or (24 if ns.quick else 48)
     held = ns.held_tasks or max(1, tasks // 4)  # test_fraction 0.2
-    sys.exit(finish(main(ns.quick, tasks, held, ns.threads, model), ns.json))
+    repeat = ns.repeat or (1 if ns.quick else 3)
+    sys.exit(finish(main(ns.quick, tasks, held, ns.threads, ns.model, repeat), ns.json))

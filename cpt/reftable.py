@@ -228,7 +228,7 @@ def _forward(trainer, dataset, batch_size: int) -> tuple[list[float], list[float
         DataLoader(dataset, batch_size=batch_size, collate_fn=trainer.data_collator, shuffle=False)
     )
     model = trainer.model
-    if trainer.is_deepspeed_enabled:  # parameters still on CPU / sharded before train()
+    if _needs_engine(trainer):  # parameters sharded, or not yet on the device, before train()
         from trl.models import prepare_deepspeed
 
         model = prepare_deepspeed(trainer.model, trainer.accelerator)
@@ -246,13 +246,23 @@ def _forward(trainer, dataset, batch_size: int) -> tuple[list[float], list[float
     return out_c, out_r
 
 
+def _needs_engine(trainer) -> bool:
+    """Under DeepSpeed the model is placed by `train()`: ZeRO-3 shards its parameters, and on
+    a GPU ZeRO-1/2 leave them on the CPU until then; TRL's precompute wraps it in an inference
+    engine for the forward. On the CPU, ZeRO-1/2 parameters are already whole where they run."""
+    if not trainer.is_deepspeed_enabled:
+        return False
+    stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
+    return stage == 3 or next(trainer.model.parameters()).device != trainer.accelerator.device
+
+
 def _hf_check(trainer, dataset, chosen: list[float], rejected: list[float]) -> dict[str, Any]:
     """Re-derive the first rows' values with a plain HF forward (full logits, log-softmax, the
     base with adapters disabled) and fail the build if they disagree."""
     import torch
 
-    if trainer.is_deepspeed_enabled:
-        return {"rows": 0, "skipped": "DeepSpeed: the parameters are sharded before training"}
+    if _needs_engine(trainer):
+        return {"rows": 0, "skipped": "DeepSpeed places the parameters only when training starts"}
     model = trainer.accelerator.unwrap_model(trainer.model)
     device = next(model.parameters()).device
     fp32 = not (trainer.args.bf16 or trainer.args.fp16)
