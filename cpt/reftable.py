@@ -253,7 +253,8 @@ def _needs_engine(trainer) -> bool:
     if not trainer.is_deepspeed_enabled:
         return False
     stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
-    return stage == 3 or next(trainer.model.parameters()).device != trainer.accelerator.device
+    where, device = next(trainer.model.parameters()).device, trainer.accelerator.device
+    return stage == 3 or where.type != device.type or (where.type == "cuda" and where != device)
 
 
 def _hf_check(trainer, dataset, chosen: list[float], rejected: list[float]) -> dict[str, Any]:
