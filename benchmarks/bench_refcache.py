@@ -164,6 +164,15 @@ def main(quick: bool, tasks: int, held_tasks: int, threads: int, model: str, rep
             "table: the first point builds reflogps/<student>-<key>/ (checked against an HF "
             "forward), the others read it",
             f"loss at step 1: max |diff| {step1:.1e} (target <= 1e-4); every step: {max(diffs):.1e}",
+            *(
+                [
+                    "--quick: 12 short steps a run, where what a run pays either way (model load, "
+                    "tokenising, checkpoint, adapter save) weighs most; the full mode measures the "
+                    "target"
+                ]
+                if quick
+                else []
+            ),
         ],
         "targets": [
             {
