@@ -2,7 +2,7 @@
 
     python -m benchmarks                    # full sizes (tens of minutes on 2 CPU cores)
     python -m benchmarks --quick            # CI mode: under 3 minutes on 2 CPU cores
-    python -m benchmarks --only runner data # a subset (names: engines runner train data pipeline)
+    python -m benchmarks --only runner data # a subset (names: engines runner train refcache data pipeline)
 
 Each benchmark runs in its own process (`python -m benchmarks.bench_<name> [--quick]`), one
 after the other, so a crash or a memory peak in one cannot touch the others, and no two
