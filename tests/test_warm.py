@@ -14,6 +14,7 @@ import pytest
 from conftest import compose
 
 from cpt import graph, pipeline, store
+from cpt.config import SamplingConfig
 from cpt.generation import GenerateFactory, JudgeFactory, run_rows
 from cpt.graph import TRAIN, StageContext, StageSpec
 from cpt.rows import work_row
@@ -90,9 +91,9 @@ def _dead(actors: list) -> bool:
 def test_the_same_model_in_consecutive_stages_is_loaded_once(tmp_path):
     plan = _run(
         tmp_path,
-        _engine_stage("first", "teacher"),
-        _engine_stage("second", "judge", ("first",)),  # another role, same model and engine
-    )
+        _engine_stage("first", "judge"),  # e.g. adherence, then evaluate's judging:
+        _engine_stage("second", "judge", ("first",), sampling=SamplingConfig(32, 0.3)),
+    )  # (sampling is per request: not part of the engine's identity)
     first, second = _manifest(plan, "first"), _manifest(plan, "second")
     (loaded,) = first["engines"]
     assert loaded["model"] == "builtin:tiny" and loaded["engine"] == "hf"
