@@ -24,6 +24,7 @@ of the warm launch's wall time.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -117,6 +118,7 @@ def launch(run_dir: Path, overrides: list[str]) -> tuple[float, str]:
 
 def main(quick: bool = False, extra: list[str] | None = None) -> dict[str, Any]:
     overrides = [*(QUICK if quick else []), *(extra or [])]
+    load_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     errors: list[str] = []
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_warm-") as tmp:
@@ -137,6 +139,7 @@ def main(quick: bool = False, extra: list[str] | None = None) -> dict[str, Any]:
             s["seconds"],
             s["work"],
             s["load"],
+            s["seconds"] - s["work"] - s["load"],
             f"{cold['stages'].get(name, {}).get('loads', 0)} / {s['loads']}",
             s["reused"],
         ]
@@ -160,7 +163,9 @@ def main(quick: bool = False, extra: list[str] | None = None) -> dict[str, Any]:
         "name": "warm",
         "title": "warm engines across stages vs a load per stage (same pipeline, one run)",
         "header": [
-            f"command: python jobs/launch.py run_dir=<tmp> {shown} parallel.warm=false|true"
+            f"command: python jobs/launch.py run_dir=<tmp> {shown} parallel.warm=false|true",
+            f"load average (1, 5, 15 min) at start: {load_start}; at end: "
+            + ", ".join(f"{x:.1f}" for x in os.getloadavg()),
         ],
         "tables": [
             md_table(
@@ -183,6 +188,7 @@ def main(quick: bool = False, extra: list[str] | None = None) -> dict[str, Any]:
                     "warm s",
                     "warm work s",
                     "warm load s",
+                    "warm rest s",
                     "loads cold / warm",
                     "reused (warm)",
                 ],
@@ -196,7 +202,9 @@ def main(quick: bool = False, extra: list[str] | None = None) -> dict[str, Any]:
             "replica start and model loads, stage bookkeeping; between stages = wall - the "
             "sum of stage wall times (start, imports, compose, plan, report summary)",
             "engine load s: the replicas' engine construction, measured inside the actor "
-            "(imports of torch/vLLM included, the actor's process start not)",
+            "(imports of torch/vLLM included, the actor's process start not); warm rest s: "
+            "the stage's other time (the first engine stage: Ray start and the actor's "
+            "process start; the trainer: model load, data preparation, final eval, save)",
             "cold runs first, then warm: both on fresh run folders; other jobs on the machine "
             "slow both alike only if the load stays steady (see the load average)",
         ],
