@@ -336,6 +336,10 @@ class ParallelConfig:
     part_rows (`int`): rows per part-file inside a shard; a killed shard keeps its finished
         parts and its re-run recomputes only the rest. 0 = the hf engine's batch_size, and
         the whole shard for vllm/openai (whose throughput wants one big call per shard).
+    warm (`bool`): keep a stage's engine replicas loaded for the next stage of this process
+        that uses the same model and engine settings (teacher: generate then sysprompts;
+        judge: adherence then evaluate); closed before training, at the end and on errors
+        (`cpt.warm`). false: every stage loads and closes its own.
     """
 
     backend: str = "ray"
@@ -343,6 +347,7 @@ class ParallelConfig:
     num_cpus: int = 0
     log_every_s: float = 30.0
     part_rows: int = 0
+    warm: bool = True
 
     def __post_init__(self) -> None:
         check(self.part_rows >= 0, "parallel.part_rows", f"must be >= 0, got {self.part_rows}")
