@@ -97,15 +97,10 @@ def run_side(ns: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     engine = cpt.engines.build_engine(cfg.teacher, cfg.engine)
     load_s = time.perf_counter() - t0
-    build = cpt.engines.build_engine
-    cpt.engines.build_engine = lambda *a, **k: engine  # both workers share the loaded engine
-    try:
-        workers = {
-            "generate": (GenerateFactory(cfg.teacher, cfg.engine)(), gen_rows, 32),
-            "adherence": (adherence.judge_factory(cfg, cfg.adherence)(), judge_rows, 32),
-        }
-    finally:
-        cpt.engines.build_engine = build
+    workers = {  # both workers around the one loaded engine (`bind`, as warm engines do)
+        "generate": (GenerateFactory(cfg.teacher, cfg.engine).bind(engine), gen_rows, 32),
+        "adherence": (adherence.judge_factory(cfg, cfg.adherence).bind(engine), judge_rows, 32),
+    }
     warm = [Request(f"w{i}", ({"role": "user", "content": f"Say hi {i}."},)) for i in range(2)]
     engine.generate([Request(r.id, r.messages, Sampling(8, 0.0)) for r in warm])
     figures: dict[str, Any] = {"load_s": load_s}
