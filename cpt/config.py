@@ -336,6 +336,9 @@ class ParallelConfig:
     part_rows (`int`): rows per part-file inside a shard; a killed shard keeps its finished
         parts and its re-run recomputes only the rest. 0 = the hf engine's batch_size, and
         the whole shard for vllm/openai (whose throughput wants one big call per shard).
+    max_shards (`int`): run only the first N shards of each sharded stage; 0 = all. Set by
+        `plan=probe` (one shard per stage, for calibration); a stage so cut is not the whole
+        stage, so probes run in their own run folder.
     """
 
     backend: str = "ray"
@@ -343,9 +346,11 @@ class ParallelConfig:
     num_cpus: int = 0
     log_every_s: float = 30.0
     part_rows: int = 0
+    max_shards: int = 0
 
     def __post_init__(self) -> None:
         check(self.part_rows >= 0, "parallel.part_rows", f"must be >= 0, got {self.part_rows}")
+        check(self.max_shards >= 0, "parallel.max_shards", f"must be >= 0, got {self.max_shards}")
         check(
             self.backend in ("ray", "inline"),
             "parallel.backend",
@@ -759,12 +764,35 @@ class TrainConfig:
 
 
 @dataclass
+class PlannerConfig:
+    """The GPU-hour planner (`plan=true`, `plan=probe`; `cpt.planner`).
+
+    Parameters:
+    table (`str`): the learnt throughput table (JSON); empty = `<run_dir>/.cpt/throughput.json`.
+        A shared path lets every run of a project calibrate the next.
+    learn_from (`list[str]`): more run folders whose finished stages calibrate the table,
+        besides `run_dir` and its probe (`<run_dir>/.cpt/probe`).
+    """
+
+    table: str = ""
+    learn_from: list[str] = field(default_factory=list)
+
+
+PLAN_MODES = (False, True, "probe")
+
+
+@dataclass
 class CptConfig:
-    """The whole composed configuration of a cpt run."""
+    """The whole composed configuration of a cpt run.
+
+    plan: `true` prints what would run (stages, jobs, predicted tokens, wall time and
+    GPU-hours) and runs nothing; `probe` first runs one shard of every stage in
+    `<run_dir>/.cpt/probe` to calibrate the planner, then prints the plan.
+    """
 
     run_dir: str = "outputs/runs/local"
     stage: StageName | None = None
-    plan: bool = False
+    plan: bool | str = False
     wait: bool = False  # non-local cluster: block until the submitted jobs end; fail if one fails
     seed: int = 0
     # environment variables whose values are secrets: redacted wherever they would be written
@@ -789,6 +817,14 @@ class CptConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+
+    def __post_init__(self) -> None:
+        check(
+            self.plan in PLAN_MODES,
+            "plan",
+            f"must be one of true, false, probe; got {self.plan!r}",
+        )
 
 
 def register_configs() -> None:

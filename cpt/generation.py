@@ -106,8 +106,10 @@ class JudgeFactory:
                 engine, items, sampling_of(self.model, 0), self.repair_template, self.max_attempts
             )
             tokens: dict[str, int] = {}
+            prompt: dict[str, int] = {}
             for c in completions:
                 tokens[c.id] = tokens.get(c.id, 0) + c.completion_tokens
+                prompt[c.id] = prompt.get(c.id, 0) + c.prompt_tokens
             return [
                 {
                     "id": r["id"],
@@ -118,6 +120,7 @@ class JudgeFactory:
                     "error": v.error,
                     "attempts": v.attempts,
                     "raw": v.raw,
+                    "prompt_tokens": prompt.get(r["id"], 0),
                     "completion_tokens": tokens.get(r["id"], 0),
                 }
                 for r, v in zip(rows, verdicts)
@@ -157,4 +160,5 @@ def run_rows(
         label=label,
         should_stop=should_stop,
         part_rows=part_rows,
+        max_shards=parallel.max_shards,
     )

@@ -67,6 +67,8 @@ class RunStats:
     failures: int
     retried_shards: int
     rows_reused: int = 0  # rows of interrupted shards kept from their part-files
+    prompt_tokens: int = 0
+    shard_seconds: float = 0.0  # the shards' own times: `seconds` less engine start-up
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -103,6 +105,7 @@ def write_rows(out_dir: Path, index: int, rows: list[Row], stats: dict[str, Any]
     stats = {
         **stats,
         "tokens": sum(int(r.get("completion_tokens", 0) or 0) for r in rows),
+        "prompt_tokens": sum(int(r.get("prompt_tokens", 0) or 0) for r in rows),
         "failures": sum(1 for r in rows if r.get("ok") is False),
     }
     return store.write_shard(out_dir, index, _table(rows), stats)
@@ -217,9 +220,11 @@ def run_sharded(
     label: str = "",
     should_stop: Callable[[], bool] | None = None,
     part_rows: int = 0,
+    max_shards: int = 0,
 ) -> RunStats:
     """Process `rows` in shards under `out_dir/shards`, skipping shards already finished;
-    `part_rows` > 0 keeps the finished parts of interrupted shards (module docstring).
+    `part_rows` > 0 keeps the finished parts of interrupted shards (module docstring);
+    `max_shards` > 0 keeps only the first shards (a calibration probe: `plan=probe`).
 
     Returns the stats of all shards (finished before and now). Raises StoreError if
     `should_stop()` became true before every shard was finished (e.g. preemption): the
@@ -227,6 +232,10 @@ def run_sharded(
     """
     started = time.time()
     shards = plan_shards([r["id"] for r in rows], shard_size)
+    if max_shards > 0:
+        shards = shards[:max_shards]
+        rows = [rows[j] for shard in shards for j in shard]
+        shards = plan_shards([r["id"] for r in rows], shard_size)
     done = store.finished_shards(out_dir, len(shards))
     todo = [i for i in range(len(shards)) if i not in done]
     log.info(
@@ -292,6 +301,8 @@ def run_sharded(
         failures=sum(r.get("failures", 0) for r in receipts),
         retried_shards=retried,
         rows_reused=reused,
+        prompt_tokens=sum(r.get("prompt_tokens", 0) for r in receipts),
+        shard_seconds=round(sum(r.get("seconds", 0.0) for r in receipts), 3),
     )
 
 
