@@ -30,7 +30,7 @@ from benchmarks import REPO, machine, md_table
 
 HERE = Path(__file__).resolve().parent
 # the order of the issue: engines, runner, training, data layer, end to end
-BENCHES = ("engines", "runner", "train", "data", "pipeline")
+BENCHES = ("engines", "runner", "train", "data", "pipeline", "planner")
 TIMEOUT_S = {"quick": 900, "full": 7200}  # per benchmark; the quick total target is 180 s
 
 

@@ -195,7 +195,13 @@ def probe(cfg: CptConfig) -> None:
         planner=dataclasses.replace(cfg.planner, table=str(planner.table_path(cfg))),
     )
     log.info("plan=probe: one shard per stage in %s", probe_cfg.run_dir)
-    run(probe_cfg)
+    try:
+        run(probe_cfg)
+    except store.StoreError as exc:  # e.g. one shard of generate made no training pair
+        raise store.StoreError(
+            f"plan=probe: {exc}; with one shard per stage a later stage may lack data: raise "
+            "the shard sizes, or calibrate from a finished run (planner.learn_from=[<run_dir>])"
+        ) from exc
 
 
 def run(cfg: CptConfig) -> list[Path]:
