@@ -3,7 +3,8 @@ from a throughput table learnt from the manifests of finished stages.
 
 A stage's time is modelled as its own overhead (reading inputs, writing tables: keyed by
 stage and device) plus, for each model phase (`cpt.workload.Phase`), the engine's start-up
-and its tokens at the measured rate, keyed by (phase kind, model, engine, device):
+and its tokens at the measured rate, keyed by (phase kind, model, engine, device), or
+where that stage's phase itself was measured, by (stage:phase, model, engine, device):
 
     seconds = overhead[stage] + sum(load_s + fill x bound_tokens / tokens_per_s)
 
@@ -88,8 +89,9 @@ class Rate:
         return round(bound_tokens * self.tokens / self.bound) if self.bound else bound_tokens
 
 
-def phase_key(kind: str, model: str, engine: str, where: str) -> str:
-    return f"{kind} | {model} | {engine} | {where}"
+def phase_key(what: str, model: str, engine: str, where: str) -> str:
+    """`what` is a phase kind (`judge`) or a stage's phase (`evaluate:judge`)."""
+    return f"{what} | {model} | {engine} | {where}"
 
 
 @dataclass
@@ -99,12 +101,16 @@ class Table:
     samples: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def rates(self) -> dict[str, Rate]:
+        """Each (kind, model, engine, device), and each (stage, phase label, model, engine,
+        device) (`phase_key`): a stage's own measurement when it has one (a student with
+        an adapter, or a judge reading longer prompts, runs at its own rate)."""
         out: dict[str, Rate] = {}
         for s in self.samples.values():
             for p in s["phases"]:
                 if p["requests"]:
-                    key = phase_key(p["kind"], p["model"], p["engine"], s["device"])
-                    out.setdefault(key, Rate()).add(p)
+                    for what in (p["kind"], f"{s['stage']}:{p['label']}"):
+                        key = phase_key(what, p["model"], p["engine"], s["device"])
+                        out.setdefault(key, Rate()).add(p)
         return out
 
     def overheads(self) -> dict[tuple[str, str], float]:
@@ -216,7 +222,8 @@ def predict(cfg: CptConfig, node: Node, table: Table) -> Prediction:
     seconds = overhead or 0.0
     tokens = 0
     for p in phases:
-        rate = rates.get(phase_key(p.kind, p.model, p.engine, where))
+        own = rates.get(phase_key(f"{node.name}:{p.label}", p.model, p.engine, where))
+        rate = own or rates.get(phase_key(p.kind, p.model, p.engine, where))
         if rate is None:
             if p.requests:
                 missing.append(f"({p.kind}, {p.model}, {p.engine}, {where})")

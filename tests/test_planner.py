@@ -75,8 +75,10 @@ def test_the_table_is_learnt_from_manifests_and_predicts_from_it(tmp_path):
     fake_manifest(run_dir, "tasks", 2.0, [])
     cfg, plan = planned(f"run_dir={tmp_path / 'new'}", f"planner.learn_from=[{run_dir}]", *SMALL)
     table = planner.learn(cfg)
-    rate = table.rates()["generate | builtin:tiny | hf | cpu"]
+    rates = table.rates()
+    rate = rates["generate | builtin:tiny | hf | cpu"]
     assert (rate.tokens, rate.bound, rate.work_seconds, rate.load_seconds) == (100, 200, 40, 5)
+    assert rates["generate:generate | builtin:tiny | hf | cpu"] == rate  # the stage's own too
     assert table.overheads() == {("generate", "cpu"): 5.0, ("tasks", "cpu"): 2.0}
     saved = store.read_json(planner.table_path(cfg))  # the learnt table, on disk
     assert "generate | builtin:tiny | hf | cpu" in saved["rates"] and len(saved["samples"]) == 2
