@@ -3,16 +3,21 @@ from a throughput table learnt from the manifests of finished stages.
 
 A stage's time is modelled as its own overhead (reading inputs, writing tables: keyed by
 stage and device) plus, for each model phase (`cpt.workload.Phase`), the engine's start-up
-and its tokens at the measured rate, keyed by (phase kind, model, engine, device), or
-where that stage's phase itself was measured, by (stage:phase, model, engine, device):
+and its work at the measured seconds per unit, keyed by (phase kind, model, engine,
+device), or where that stage's phase itself was measured, by (stage:phase, model, engine,
+device):
 
-    seconds = overhead[stage] + sum(load_s + fill x bound_tokens / tokens_per_s)
+    seconds = overhead[stage] + sum over phases (load_s + units x seconds_per_unit)
 
-`fill` is the share of the `max_new_tokens` bound a model really writes (a real model
-stops early; retries of a judge count too). All three numbers are measured: a finished
-stage's manifest holds its phases (tokens, runner and shard seconds) and its wall time.
-With no measurement for a key the planner says so and predicts nothing for that stage
-(`plan=probe` runs one shard of each stage to measure it) rather than invent a rate.
+A unit is what the phase's time grows with (`cpt.workload.work_units`): a bound token
+(requests x `max_new_tokens`) for engines that batch continuously, a decoding step of a
+batch for the hf engine, a sequence token for training. The expected completion tokens
+are `fill` x the bound, `fill` being the measured share of `max_new_tokens` a model really
+writes (a real model stops early; a judge's retries count too). All of it is measured: a
+finished stage's manifest holds its phases (tokens, units, runner and shard seconds) and
+its wall time. With no measurement for a key the planner says so and predicts nothing for
+that stage (`plan=probe` runs one shard of each stage to measure it) rather than invent a
+rate.
 
 The table (`<run_dir>/.cpt/throughput.json`, or `planner.table` for one shared across
 runs) keeps the measured samples by manifest path, so re-learning never counts one twice.
@@ -66,6 +71,7 @@ class Rate:
 
     tokens: int = 0
     bound: int = 0
+    units: int = 0
     work_seconds: float = 0.0
     load_seconds: float = 0.0
     runs: int = 0
@@ -73,17 +79,17 @@ class Rate:
     def add(self, p: dict[str, Any]) -> None:
         self.tokens += p["completion_tokens"]
         self.bound += p["bound_tokens"]
+        self.units += p["units"]
         self.work_seconds += p["work_seconds"]
         self.load_seconds += max(0.0, p["seconds"] - p["work_seconds"])
         self.runs += 1
 
-    def seconds(self, bound_tokens: int) -> float:
-        """Start-up plus the expected tokens (fill x bound) at the measured tokens/s, which
-        is work time per bound token."""
+    def seconds(self, units: int) -> float:
+        """Start-up plus the work at the measured seconds per work unit (`work_units`)."""
         load = self.load_seconds / self.runs
-        if not self.bound:
-            return load + (self.work_seconds / self.runs if bound_tokens else 0.0)
-        return load + bound_tokens * self.work_seconds / self.bound
+        if not self.units:
+            return load + (self.work_seconds / self.runs if units else 0.0)
+        return load + units * self.work_seconds / self.units
 
     def expected_tokens(self, bound_tokens: int) -> int:
         return round(bound_tokens * self.tokens / self.bound) if self.bound else bound_tokens
@@ -229,7 +235,7 @@ def predict(cfg: CptConfig, node: Node, table: Table) -> Prediction:
                 missing.append(f"({p.kind}, {p.model}, {p.engine}, {where})")
             tokens += p.bound_tokens
             continue
-        seconds += rate.seconds(p.bound_tokens)
+        seconds += rate.seconds(p.units)
         tokens += rate.expected_tokens(p.bound_tokens)
     prompt = sum(p.prompt_tokens for p in phases)
     return Prediction(

@@ -35,6 +35,7 @@ class Phase:
     prompt_tokens: estimated (from characters) or counted by the engine.
     bound_tokens: requests x max_new_tokens (training: the rows' sequence tokens): the most
         the phase can produce; completion_tokens: counted (an estimate leaves it 0).
+    units: what the phase's time grows with (`work_units`).
     seconds: the runner's time, engine start-up included; work_seconds: the shards' own time.
     """
 
@@ -45,6 +46,7 @@ class Phase:
     requests: int
     prompt_tokens: int
     bound_tokens: int
+    units: int
     completion_tokens: int = 0
     seconds: float = 0.0
     work_seconds: float = 0.0
@@ -66,8 +68,32 @@ def prompt_chars(rows: list[dict[str, Any]]) -> int:
     return sum(sum(len(m["content"]) for m in json.loads(r["messages"])) for r in rows)
 
 
+def calls(rows: int, shard_size: int, batch: int) -> int:
+    """Engine calls of `batch` rows at most that `rows` cut in shards of `shard_size` make."""
+    full, rest = divmod(rows, shard_size)
+    per = min(batch, shard_size)
+    return full * math.ceil(shard_size / per) + math.ceil(rest / per)
+
+
+def work_units(cfg: CptConfig, model: ModelConfig, rows: int, shard_size: int) -> int:
+    """What a generation or judging phase's time grows with. The hf engine decodes batches
+    of `engine.batch_size` (within a shard's parts) step by step until the longest is done:
+    batches x `max_new_tokens` steps. Engines that batch continuously (vLLM, a server):
+    tokens, bounded by requests x `max_new_tokens`."""
+    max_new = model.sampling.max_new_tokens
+    if engine_name(model, cfg.engine) != "hf":
+        return rows * max_new
+    batch = min(cfg.parallel.part_rows or cfg.engine.batch_size, cfg.engine.batch_size)
+    return calls(rows, shard_size, batch) * max_new
+
+
 def estimate(
-    label: str, kind: str, model: ModelConfig, engine: EngineConfig, rows: list[dict[str, Any]]
+    cfg: CptConfig,
+    label: str,
+    kind: str,
+    model: ModelConfig,
+    rows: list[dict[str, Any]],
+    shard_size: int,
 ) -> Phase:
     """A generation or judging phase of these work rows (rows marked `not_judged` are never
     sent); tokens bounded by the model's `max_new_tokens`."""
@@ -76,25 +102,27 @@ def estimate(
         label=label,
         kind=kind,
         model=model.path,
-        engine=engine_name(model, engine),
+        engine=engine_name(model, cfg.engine),
         requests=len(sent),
         prompt_tokens=math.ceil(prompt_chars(sent) / CHARS_PER_TOKEN),
         bound_tokens=len(sent) * model.sampling.max_new_tokens,
+        units=work_units(cfg, model, len(rows), shard_size),
     )
 
 
 def actual(
-    label: str, kind: str, model: ModelConfig, engine: EngineConfig, stats: RunStats
+    cfg: CptConfig, label: str, kind: str, model: ModelConfig, stats: RunStats, shard_size: int
 ) -> dict[str, Any]:
     """The phase a runner just ran, for the stage's manifest (`phases`)."""
     return Phase(
         label=label,
         kind=kind,
         model=model.path,
-        engine=engine_name(model, engine),
+        engine=engine_name(model, cfg.engine),
         requests=stats.rows,
         prompt_tokens=stats.prompt_tokens,
         bound_tokens=stats.rows * model.sampling.max_new_tokens,
+        units=work_units(cfg, model, stats.rows, shard_size),
         completion_tokens=stats.tokens,
         seconds=stats.seconds,
         work_seconds=stats.shard_seconds,

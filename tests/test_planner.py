@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import compose, launch
 
-from cpt import planner, store
+from cpt import planner, store, workload
 from cpt.config import ConfigError, resolve_recipe
 from cpt.pipeline import resolve, run, stage_specs
 
@@ -60,6 +60,7 @@ def phase(kind: str, model: str, requests: int, bound: int, tokens: int, s: floa
         "requests": requests,
         "prompt_tokens": 10 * requests,
         "bound_tokens": bound,
+        "units": bound,
         "completion_tokens": tokens,
         "seconds": s,
         "work_seconds": work,
@@ -85,8 +86,10 @@ def test_the_table_is_learnt_from_manifests_and_predicts_from_it(tmp_path):
     assert planner.learn(cfg).samples == table.samples  # learnt again: nothing counted twice
     pred = planner.predict(cfg, plan["generate"], table)
     bound = sum(p.bound_tokens for p in pred.phases)  # 6 rows x 16 tokens
-    assert bound == 96 and pred.missing == []
-    assert pred.seconds == pytest.approx(5.0 + 5.0 + bound * 40 / 200)
+    # hf decodes batches step by step: shards of 4 and 2 rows, 2 batches x 16 steps
+    units = sum(p.units for p in pred.phases)
+    assert (bound, units, pred.missing) == (96, 32, [])
+    assert pred.seconds == pytest.approx(5.0 + 5.0 + units * 40 / 200)
     assert pred.completion_tokens == 48  # half of the bound, as measured
     assert planner.predict(cfg, plan["tasks"], table).seconds == 2.0
     judged = planner.predict(cfg, plan["adherence"], table)  # the judge was never measured
@@ -95,6 +98,15 @@ def test_the_table_is_learnt_from_manifests_and_predicts_from_it(tmp_path):
         "no calibration for (adherence stage, cpu)",
         "no calibration for (judge, builtin:tiny, hf, cpu)",
     ]
+
+
+def test_work_units_follow_the_engine():
+    cfg = compose(*SMALL, "engine.batch_size=3")
+    model = cfg.teacher  # 16 new tokens
+    # 10 rows in shards of 4: batches of 3 within each shard (3+1, 3+1, 2)
+    assert workload.work_units(cfg, model, 10, 4) == 5 * 16
+    vllm = compose(*SMALL, "engine=vllm")
+    assert workload.work_units(vllm, vllm.teacher, 10, 4) == 10 * 16  # tokens
 
 
 def test_plan_without_calibration_says_so_and_invents_nothing(tmp_path, capsys):

@@ -132,7 +132,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         **stats.as_dict(),
         "judge_failures": stats.failures,
         "truncated_generations": truncated,
-        "phases": [actual("judge", JUDGE, cfg.judge, cfg.engine, stats)],
+        "phases": [actual(cfg, "judge", JUDGE, cfg.judge, stats, cfg.adherence.shard_size)],
     }
 
 
@@ -148,7 +148,7 @@ def estimate(cfg: CptConfig) -> list[Phase]:
     tasks = config_tasks(cfg)
     gens = fake_responses(teacher_grid(cfg, tasks), cfg.teacher)
     rows = work_grid(cfg, {t["id"]: t["text"] for t in tasks}, gens)
-    return [phase_estimate("judge", JUDGE, cfg.judge, cfg.engine, rows)]
+    return [phase_estimate(cfg, "judge", JUDGE, cfg.judge, rows, cfg.adherence.shard_size)]
 
 
 SPEC = StageSpec(

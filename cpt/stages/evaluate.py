@@ -175,6 +175,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if not kind:
         adapter = str(ctx.inputs["train"] / "adapter")
     models = ("base", "cpt") if cfg.evaluate.baseline else ("cpt",)
+    shard = cfg.evaluate.shard_size
     if kind == "full":  # another model: its own engine, its own response shards
         base_stats, responses = _generate(
             cfg,
@@ -193,8 +194,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         responses += cpt_responses
         gen_stats = {"base": base_stats.as_dict(), "cpt": cpt_stats.as_dict()}
         phases = [
-            actual("student", GENERATE, cfg.student, cfg.engine, base_stats),
-            actual("student:cpt", GENERATE, tuned_model(cfg), cfg.engine, cpt_stats),
+            actual(cfg, "student", GENERATE, cfg.student, base_stats, shard),
+            actual(cfg, "student:cpt", GENERATE, tuned_model(cfg), cpt_stats, shard),
         ]
     else:
         stats, responses = _generate(
@@ -205,7 +206,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "base + cpt",
         )
         gen_stats = stats.as_dict()
-        phases = [actual("student", GENERATE, cfg.student, cfg.engine, stats)]
+        phases = [actual(cfg, "student", GENERATE, cfg.student, stats, shard)]
     # delimiter nonces: secret, resumable
     judge_rows = _judge_rows(cfg, tasks, responses, store.secret_file(ctx.out_dir / JUDGE_KEY))
     stats = _judge(cfg, cfg.judge, judge_rows, ctx.out_dir, f"judge {cfg.judge.name}")
@@ -236,9 +237,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "tuned": cfg.evaluate.tuned,
         "phases": [
             *phases,
-            actual("judge", JUDGE, cfg.judge, cfg.engine, stats),
-            *(actual(f"judge:{n}", JUDGE, judges[n], cfg.engine, s) for n, s in extra.items()),
-            actual("judge:agreement", JUDGE, again, cfg.engine, agree_stats),
+            actual(cfg, "judge", JUDGE, cfg.judge, stats, shard),
+            *(actual(cfg, f"judge:{n}", JUDGE, judges[n], s, shard) for n, s in extra.items()),
+            actual(cfg, "judge:agreement", JUDGE, again, agree_stats, shard),
         ],
     }
 
@@ -286,15 +287,16 @@ def estimate(cfg: CptConfig) -> list[Phase]:
     judge_rows = _judge_rows(cfg, tasks, fake_responses(responses, cfg.student), None)
     judges = panel(cfg)
     again = agreement_rows(cfg, judge_rows)
+    shard = cfg.evaluate.shard_size
     return [
-        phase_estimate("student", GENERATE, cfg.student, cfg.engine, responses),
-        phase_estimate("judge", JUDGE, cfg.judge, cfg.engine, judge_rows),
+        phase_estimate(cfg, "student", GENERATE, cfg.student, responses, shard),
+        phase_estimate(cfg, "judge", JUDGE, cfg.judge, judge_rows, shard),
         *(
-            phase_estimate(f"judge:{n}", JUDGE, j, cfg.engine, judge_rows)
+            phase_estimate(cfg, f"judge:{n}", JUDGE, j, judge_rows, shard)
             for n, j in judges.items()
             if n != cfg.judge.name
         ),
-        phase_estimate("judge:agreement", JUDGE, cfg.judge, cfg.engine, again),
+        phase_estimate(cfg, "judge:agreement", JUDGE, cfg.judge, again, shard),
     ]
 
 

@@ -50,7 +50,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
     return {
         **stats.as_dict(),
-        "phases": [actual("teacher", GENERATE, cfg.teacher, cfg.engine, stats)],
+        "phases": [actual(cfg, "teacher", GENERATE, cfg.teacher, stats, cfg.generate.shard_size)],
     }
 
 
@@ -63,7 +63,8 @@ def plan(cfg: CptConfig) -> dict[str, Any]:
 
 def estimate(cfg: CptConfig) -> list[Phase]:
     rows = teacher_grid(cfg, config_tasks(cfg))
-    return [phase_estimate("teacher", GENERATE, cfg.teacher, cfg.engine, rows)]
+    shard = cfg.generate.shard_size
+    return [phase_estimate(cfg, "teacher", GENERATE, cfg.teacher, rows, shard)]
 
 
 SPEC = StageSpec("generate", ("tasks",), params, run, plan, runs=("teacher",), estimate=estimate)

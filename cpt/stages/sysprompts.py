@@ -65,7 +65,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
     return {
         **stats.as_dict(),
-        "phases": [actual("teacher", GENERATE, cfg.teacher, cfg.engine, stats)],
+        "phases": [actual(cfg, "teacher", GENERATE, cfg.teacher, stats, cfg.sysprompts.shard_size)],
     }
 
 
@@ -75,7 +75,8 @@ def plan(cfg: CptConfig) -> dict[str, Any]:
 
 
 def estimate(cfg: CptConfig) -> list[Phase]:
-    return [phase_estimate("teacher", GENERATE, cfg.teacher, cfg.engine, work_grid(cfg))]
+    shard = cfg.sysprompts.shard_size
+    return [phase_estimate(cfg, "teacher", GENERATE, cfg.teacher, work_grid(cfg), shard)]
 
 
 SPEC = StageSpec("sysprompts", (), params, run, plan, runs=("teacher",), estimate=estimate)

@@ -66,6 +66,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         requests=rows,
         prompt_tokens=0,
         bound_tokens=rows * per_row,
+        units=rows * per_row,
         completion_tokens=rows * per_row,  # (sequence tokens as planned; not counted)
         seconds=round(time.time() - started, 3),
         work_seconds=round(rows / result.samples_per_s, 3) if result.samples_per_s else 0.0,
@@ -134,7 +135,7 @@ def estimate(cfg: CptConfig) -> list[Phase]:
     else:
         rows = math.ceil(math.ceil(train_pairs(cfg) * t.epochs) / per_step) * per_step
     tokens = rows * row_tokens(cfg)
-    return [Phase("student", TRAIN, cfg.student.path, TRAIN, rows, 0, tokens)]
+    return [Phase("student", TRAIN, cfg.student.path, TRAIN, rows, 0, tokens, tokens)]
 
 
 SPEC = StageSpec(
