@@ -10,11 +10,16 @@ sub-second times is noise, and such a stage is no share of a GPU budget.
 
     python -m benchmarks.bench_planner            # Slurm (cluster=ci) when it answers, else local
     python -m benchmarks.bench_planner --quick    # the local runner, the small config (~1.5 min)
+
+The full mode also runs the same work a second time (another seed) and prints how far a
+stage's time moves by itself: on a shared machine that noise floor, not the planner, bounds
+how close any prediction can be.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -103,6 +108,10 @@ def stage_manifests(run_dir: Path) -> dict[str, dict]:
     return out
 
 
+def load_avg() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg()) + " (1, 5, 15 min)"
+
+
 def within(pred: float | None, actual: float) -> bool:
     if pred is None:
         return False
@@ -111,17 +120,22 @@ def within(pred: float | None, actual: float) -> bool:
     return abs(pred - actual) <= TOLERANCE * actual
 
 
-def main(quick: bool, where: str) -> dict:
+def main(quick: bool, where: str, rerun: bool) -> dict:
     use_slurm = where == "slurm" or (where == "auto" and not quick and slurm_up())
     over = [*TINY, *(QUICK if quick else FULL)]
     if use_slurm:
         over += ["cluster=ci", "wait=true"]
+    again: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench_planner-") as tmp:
         run_dir = Path(tmp) / "run"
         probe_s, plan_out = launch(f"run_dir={run_dir}", "plan=probe", *over)
         run_s, _ = launch(f"run_dir={run_dir}", *over)
         ran = stage_manifests(run_dir)
+        if rerun:  # the same work again (another seed): how far a stage's time moves alone
+            launch(f"run_dir={Path(tmp) / 'rerun'}", "seed=1", *over)
+            again = stage_manifests(Path(tmp) / "rerun")
     rows, errors, met = [], [], True
+    drift: list[float] = []
     total_pred = total_act = 0.0
     for name in STAGES:
         m = ran.get(name)
@@ -136,6 +150,9 @@ def main(quick: bool, where: str) -> dict:
         total_pred += pred or 0.0
         total_act += act
         err = f"{100 * (pred - act) / act:+.0f} %" if pred is not None and act else "-"
+        rerun_s = again.get(name, {}).get("seconds")
+        if rerun_s is not None and act >= SHORT_S:
+            drift.append(abs(rerun_s - act) / act)
         rows.append(
             [
                 name,
@@ -145,6 +162,7 @@ def main(quick: bool, where: str) -> dict:
                 (m.get("predicted") or {}).get("completion_tokens", 0),
                 m["actual"]["completion_tokens"],
                 "yes" if ok else "NO",
+                *([] if not rerun else ["-" if rerun_s is None else round(rerun_s, 2)]),
             ]
         )
     total_err = (total_pred - total_act) / total_act if total_act else float("nan")
@@ -170,6 +188,7 @@ def main(quick: bool, where: str) -> dict:
                     "pred. tokens",
                     "actual tokens",
                     "within",
+                    *(["rerun s"] if rerun else []),
                 ],
                 rows,
             )
@@ -183,6 +202,15 @@ def main(quick: bool, where: str) -> dict:
             f"{SHORT_S:.0f} s",
             f"whole pipeline: predicted {total_pred:.1f} s, actual {total_act:.1f} s "
             f"({100 * total_err:+.0f} %)",
+            *(
+                [
+                    "noise floor: the same stages run again (seed=1, same shapes) took "
+                    f"{100 * max(drift):.0f} % apart at most, {100 * sum(drift) / len(drift):.0f} % "
+                    f"on average (stages of 2 s or more), machine load now {load_avg()}"
+                ]
+                if drift
+                else [f"machine load now {load_avg()}"]
+            ),
             "the plan=probe launch ended with:",
             *[ln.strip() for ln in plan_out.splitlines() if "predicted" in ln or "GPU-hours" in ln],
         ],
@@ -203,6 +231,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="the local runner, the small config")
     ap.add_argument("--where", choices=("auto", "slurm", "local"), default="auto")
+    ap.add_argument(
+        "--rerun",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the same work again to show the noise floor (default: on unless --quick)",
+    )
     ap.add_argument("--json", help="also write the result here (for benchmarks.run)")
     ns = ap.parse_args()
-    sys.exit(finish(main(ns.quick, ns.where), ns.json))
+    rerun = not ns.quick if ns.rerun is None else ns.rerun
+    sys.exit(finish(main(ns.quick, ns.where, rerun), ns.json))
