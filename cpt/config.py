@@ -336,9 +336,6 @@ class ParallelConfig:
     part_rows (`int`): rows per part-file inside a shard; a killed shard keeps its finished
         parts and its re-run recomputes only the rest. 0 = the hf engine's batch_size, and
         the whole shard for vllm/openai (whose throughput wants one big call per shard).
-    max_shards (`int`): run only the first N shards of each sharded stage; 0 = all. Set by
-        `plan=probe` (one shard per stage, for calibration); a stage so cut is not the whole
-        stage, so probes run in their own run folder.
     """
 
     backend: str = "ray"
@@ -346,11 +343,9 @@ class ParallelConfig:
     num_cpus: int = 0
     log_every_s: float = 30.0
     part_rows: int = 0
-    max_shards: int = 0
 
     def __post_init__(self) -> None:
         check(self.part_rows >= 0, "parallel.part_rows", f"must be >= 0, got {self.part_rows}")
-        check(self.max_shards >= 0, "parallel.max_shards", f"must be >= 0, got {self.max_shards}")
         check(
             self.backend in ("ray", "inline"),
             "parallel.backend",
@@ -786,8 +781,8 @@ class CptConfig:
     """The whole composed configuration of a cpt run.
 
     plan: `true` prints what would run (stages, jobs, predicted tokens, wall time and
-    GPU-hours) and runs nothing; `probe` first runs one shard of every stage in
-    `<run_dir>/.cpt/probe` to calibrate the planner, then prints the plan.
+    GPU-hours) and runs nothing; `probe` first runs every stage as one shard on two of the
+    tasks in `<run_dir>/.cpt/probe` to calibrate the planner, then prints the plan.
     """
 
     run_dir: str = "outputs/runs/local"

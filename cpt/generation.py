@@ -160,5 +160,4 @@ def run_rows(
         label=label,
         should_stop=should_stop,
         part_rows=part_rows,
-        max_shards=parallel.max_shards,
     )

@@ -220,11 +220,9 @@ def run_sharded(
     label: str = "",
     should_stop: Callable[[], bool] | None = None,
     part_rows: int = 0,
-    max_shards: int = 0,
 ) -> RunStats:
     """Process `rows` in shards under `out_dir/shards`, skipping shards already finished;
-    `part_rows` > 0 keeps the finished parts of interrupted shards (module docstring);
-    `max_shards` > 0 keeps only the first shards (a calibration probe: `plan=probe`).
+    `part_rows` > 0 keeps the finished parts of interrupted shards (module docstring).
 
     Returns the stats of all shards (finished before and now). Raises StoreError if
     `should_stop()` became true before every shard was finished (e.g. preemption): the
@@ -232,10 +230,6 @@ def run_sharded(
     """
     started = time.time()
     shards = plan_shards([r["id"] for r in rows], shard_size)
-    if max_shards > 0:
-        shards = shards[:max_shards]
-        rows = [rows[j] for shard in shards for j in shard]
-        shards = plan_shards([r["id"] for r in rows], shard_size)
     done = store.finished_shards(out_dir, len(shards))
     todo = [i for i in range(len(shards)) if i not in done]
     log.info(

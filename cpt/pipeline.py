@@ -179,28 +179,34 @@ def plan_text(plan: RunPlan, predictions: dict[str, planner.Prediction]) -> str:
 
 
 def probe(cfg: CptConfig) -> None:
-    """`plan=probe`: the same stages with one shard each (training: at most 2 steps) in
-    `<run_dir>/.cpt/probe`, here or as Slurm jobs (waited for), so their manifests calibrate
-    the planner; the real run folder is left alone."""
-    import dataclasses
+    """`plan=probe`: the same stages, small and real, in `<run_dir>/.cpt/probe` (here, or
+    as Slurm jobs waited for), so their manifests calibrate the planner; the real run folder
+    is left alone. Small: two tasks (one to train on, one to test: every stage keeps the
+    data the next needs), each stage one shard, training at most 2 steps."""
+    import dataclasses as dc
 
+    one = 1 << 30  # a shard size no probe reaches: every stage is one shard
     steps = 2 if cfg.train.max_steps < 1 else min(cfg.train.max_steps, 2)
-    probe_cfg = dataclasses.replace(
+    probe_cfg = dc.replace(
         cfg,
         run_dir=str(planner.probe_dir(cfg.run_dir)),
         plan=False,
         wait=True,
-        parallel=dataclasses.replace(cfg.parallel, max_shards=1),
-        train=dataclasses.replace(cfg.train, max_steps=steps),
-        planner=dataclasses.replace(cfg.planner, table=str(planner.table_path(cfg))),
+        tasks=dc.replace(cfg.tasks, num_tasks=min(cfg.tasks.num_tasks or 2, 2)),
+        generate=dc.replace(cfg.generate, shard_size=one),
+        sysprompts=dc.replace(cfg.sysprompts, shard_size=one),
+        adherence=dc.replace(cfg.adherence, shard_size=one),
+        evaluate=dc.replace(cfg.evaluate, shard_size=one),
+        train=dc.replace(cfg.train, max_steps=steps),
+        planner=dc.replace(cfg.planner, table=str(planner.table_path(cfg))),
     )
-    log.info("plan=probe: one shard per stage in %s", probe_cfg.run_dir)
+    log.info("plan=probe: every stage as one shard of 2 tasks in %s", probe_cfg.run_dir)
     try:
         run(probe_cfg)
-    except store.StoreError as exc:  # e.g. one shard of generate made no training pair
+    except store.StoreError as exc:  # e.g. neither task fits a rubric's genres: no pairs
         raise store.StoreError(
-            f"plan=probe: {exc}; with one shard per stage a later stage may lack data: raise "
-            "the shard sizes, or calibrate from a finished run (planner.learn_from=[<run_dir>])"
+            f"plan=probe: {exc}; calibrate from a finished run instead "
+            "(planner.learn_from=[<run_dir>])"
         ) from exc
 
 

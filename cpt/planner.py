@@ -16,8 +16,8 @@ are `fill` x the bound, `fill` being the measured share of `max_new_tokens` a mo
 writes (a real model stops early; a judge's retries count too). All of it is measured: a
 finished stage's manifest holds its phases (tokens, units, runner and shard seconds) and
 its wall time. With no measurement for a key the planner says so and predicts nothing for
-that stage (`plan=probe` runs one shard of each stage to measure it) rather than invent a
-rate.
+that stage (`plan=probe` runs every stage, small and real, to measure it) rather than
+invent a rate.
 
 The table (`<run_dir>/.cpt/throughput.json`, or `planner.table` for one shared across
 runs) keeps the measured samples by manifest path, so re-learning never counts one twice.

@@ -1,7 +1,7 @@
 """The GPU-hour planner (`cpt/planner.py`, `cpt/workload.py`): work counted from the config
 matches what the stages ran, the throughput table is learnt from manifests, `plan=true`
 shows wall time and GPU-hours (or says what is not calibrated), manifests hold predicted vs
-actual, and `plan=probe` runs one shard per stage in its own folder, then plans."""
+actual, and `plan=probe` runs every stage as one shard in its own folder, then plans."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from cpt import planner, store, workload
 from cpt.config import ConfigError, resolve_recipe
 from cpt.pipeline import resolve, run, stage_specs
 
-# 2 tasks x 1 rubric x 3 levels, short generations, the inline runner; small shards so the
-# probe (one shard per stage) does less than the run it calibrates
+# 2 tasks x 1 rubric x 3 levels, short generations, the inline runner; small shards, so the
+# probe (every stage one shard) differs from the run it calibrates
 SMALL = [
     "tasks.num_tasks=2",
     "tasks.test_fraction=0.5",
@@ -127,7 +127,7 @@ def test_plan_mode_is_checked():
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
-    """`plan=probe` (one shard per stage in <run_dir>/.cpt/probe, then the plan), then the
+    """`plan=probe` (every stage one shard in <run_dir>/.cpt/probe, then the plan), then the
     real run in the same run_dir, predicted from the probe."""
     d = tmp_path_factory.mktemp("planned")
     probe_out = launch(f"run_dir={d}", "plan=probe", *SMALL).stdout
@@ -151,7 +151,9 @@ def test_probe_runs_one_shard_per_stage_and_stops(calibrated):
     full = manifests(d)
     for name in ("generate", "adherence"):
         assert probe[name]["n_shards"] == 1 < full[name]["n_shards"], name
-    assert probe["train"]["steps"] == 2
+    for name in ("sysprompts", "evaluate"):
+        assert probe[name]["n_shards"] == 1, name
+    assert probe["tasks"]["rows"] == 2 and probe["train"]["steps"] == 2
     # then it planned, every stage calibrated by the probe: wall time and GPU-hours
     assert "no calibration" not in out, out
     assert "predicted wall time: " in out and "GPU-hours: 0.00" in out
