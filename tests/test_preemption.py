@@ -22,11 +22,15 @@ from conftest import REPO, compose, has_slurm
 JOB = """#!/bin/bash
 #SBATCH -c 1 -t 5 -o {out}
 exec {python} - <<'PY'
-import signal, sys, time
+import os, signal, subprocess, sys, time
 from pathlib import Path
 marker = Path({marker!r})
 def usr2(signum, frame):  # stands in for submitit's checkpoint-and-requeue handler
     marker.write_text(f"USR2 handler for {{signal.Signals(signum).name}}")
+    if {requeue!r}:  # as submitit does: `scontrol requeue` (which SIGTERMs this job), exit
+        subprocess.check_call(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]])
+        time.sleep(2)  # the requeue's SIGTERM arrives meanwhile (KillWait: SIGKILL later)
+        marker.write_text(marker.read_text() + ", requeued, exited")
     sys.exit(0)
 signal.signal(signal.SIGUSR2, usr2)
 from cpt.slurm.submit import requeue_on_sigterm
@@ -37,11 +41,13 @@ PY
 """
 
 
-def _submit(tmp: Path, name: str) -> tuple[str, Path, Path]:
+def _submit(tmp: Path, name: str, requeue: bool = False) -> tuple[str, Path, Path]:
     marker, ready, out = tmp / f"{name}.marker", tmp / f"{name}.ready", tmp / f"{name}.out"
     script = tmp / f"{name}.sh"
     script.write_text(
-        JOB.format(out=out, python=sys.executable, marker=str(marker), ready=str(ready))
+        JOB.format(
+            out=out, python=sys.executable, marker=str(marker), ready=str(ready), requeue=requeue
+        )
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     jid = subprocess.run(
@@ -72,6 +78,25 @@ def test_sigterm_while_running_requeues_like_usr2_but_scancel_does_not(tmp_path)
     subprocess.run(["scancel", cancelled], check=True)  # a user's cancel: TERM, then KILL
     time.sleep(5)  # a grace period for a wrong handler to act; never an assertion on time
     assert not marker2.exists(), "a cancelled job must not be requeued"
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not has_slurm(), reason="no Slurm cluster answers (sbatch/sinfo)")
+def test_the_requeues_own_sigterm_lets_the_usr2_handler_finish(tmp_path):
+    """`scontrol requeue` in the USR2 handler SIGTERMs the job; that SIGTERM must neither
+    re-enter the handler nor cut it short (CI once saw no "Requeued job" line)."""
+    jid, marker, ready = _submit(tmp_path, "requeued", requeue=True)
+    try:
+        _wait("start", ready.exists, jid)
+        subprocess.run(["scancel", "--signal=USR2", "--batch", jid], check=True)
+        _wait("the handler's end", lambda: "exited" in _read(marker), jid, timeout=120)
+        assert _read(marker) == "USR2 handler for SIGUSR2, requeued, exited"
+    finally:
+        subprocess.run(["scancel", jid])
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 def test_a_driver_never_waits_inside_an_allocation(tmp_path, monkeypatch):

@@ -181,19 +181,34 @@ class StageJob(submitit.helpers.Checkpointable):
 def requeue_on_sigterm() -> None:
     """Make SIGTERM act as the USR2 submitit set up (save, requeue, exit) while the job is
     RUNNING: some sites preempt with SIGTERM (then SIGKILL) and never send USR2. During a
-    `scancel` the job is COMPLETING already: then it just ends, as cancelled."""
+    `scancel` the job is COMPLETING already: then it just ends, as cancelled.
+
+    The requeue itself (`scontrol requeue`, inside the USR2 handler) ends the running job
+    with SIGTERM: that one is ignored, as submitit's own SIGTERM handler does, so the
+    handler finishes (logs "Requeued job", exits). Acting on it would re-enter the handler
+    or exit halfway through it."""
     usr = signal.getsignal(signal.SIGUSR2)
     if not callable(usr):  # not inside a submitit job
         return
+    requeueing = False
+
+    def on_usr(signum: int, frame: Any) -> None:
+        nonlocal requeueing
+        requeueing = True
+        usr(signum, frame)
 
     def on_term(signum: int, frame: Any) -> None:
+        if requeueing:
+            log.warning("SIGTERM during the requeue: ignored (the requeue handler exits)")
+            return
         state = _own_state()
         if state != "RUNNING":
             log.warning("SIGTERM with the job %s: cancelled, not requeued", state or "gone")
             raise SystemExit(143)
         log.warning("SIGTERM while RUNNING: preempted; saving and requeueing as for USR2")
-        usr(signum, frame)
+        on_usr(signum, frame)
 
+    signal.signal(signal.SIGUSR2, on_usr)
     signal.signal(signal.SIGTERM, on_term)
 
 
