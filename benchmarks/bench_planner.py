@@ -1,8 +1,8 @@
 """bench_planner: the GPU-hour planner's predicted vs actual wall time per stage, after one
 calibration run (`plan=probe`: every stage small and real), on the CI Slurm cluster.
 
-One launch calibrates (`plan=probe` in `<run_dir>/.cpt/probe`: two tasks, each stage one
-shard, training 2 steps); the next runs the whole pipeline in the same run folder, each stage's
+One launch calibrates (`plan=probe` in `<run_dir>/.cpt/probe`: two tasks, the configured
+shard sizes, training 2 steps); the next runs the whole pipeline in the same run folder, each stage's
 manifest holding what the planner predicted at launch and what the stage took. The figure is
 the per-stage error (predicted - actual) / actual; target: every stage within +-25 %. A stage
 shorter than 2 s is judged by its absolute error instead (within 0.5 s): a ratio of two
@@ -48,8 +48,8 @@ TINY = [
     "train.grad_accum=1",
 ]
 QUICK = [
-    "tasks.num_tasks=2",
-    "tasks.test_fraction=0.5",
+    "tasks.num_tasks=3",
+    "tasks.test_fraction=0.34",
     "teacher.sampling.max_new_tokens=16",
     "judge.sampling.max_new_tokens=32",
     "student.sampling.max_new_tokens=16",
@@ -194,8 +194,8 @@ def main(quick: bool, where: str, rerun: bool) -> dict:
             )
         ],
         "notes": [
-            "calibration: plan=probe ran every stage as one shard on 2 tasks (training: 2 "
-            "steps) in <run_dir>/.cpt/probe; the run then predicted each stage from that table",
+            "calibration: plan=probe ran every stage on 2 tasks (training: 2 steps) in "
+            "<run_dir>/.cpt/probe; the run then predicted each stage from that table",
             "actual s: the stage's wall time in its manifest (inside its Slurm job: the job's "
             "Python start and queueing are not a stage's time)",
             f"within: |error| <= {TOLERANCE:.0%}, or <= {SHORT_ABS_S} s for a stage under "

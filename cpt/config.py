@@ -781,8 +781,8 @@ class CptConfig:
     """The whole composed configuration of a cpt run.
 
     plan: `true` prints what would run (stages, jobs, predicted tokens, wall time and
-    GPU-hours) and runs nothing; `probe` first runs every stage as one shard on two of the
-    tasks in `<run_dir>/.cpt/probe` to calibrate the planner, then prints the plan.
+    GPU-hours) and runs nothing; `probe` first runs every stage on two of the tasks in
+    `<run_dir>/.cpt/probe` to calibrate the planner, then prints the plan.
     """
 
     run_dir: str = "outputs/runs/local"

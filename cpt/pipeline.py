@@ -182,10 +182,11 @@ def probe(cfg: CptConfig) -> None:
     """`plan=probe`: the same stages, small and real, in `<run_dir>/.cpt/probe` (here, or
     as Slurm jobs waited for), so their manifests calibrate the planner; the real run folder
     is left alone. Small: two tasks (one to train on, one to test: every stage keeps the
-    data the next needs), each stage one shard, training at most 2 steps."""
+    data the next needs; a stage cut to its first shard could leave training no pair),
+    training at most 2 steps. Shard and batch sizes stay as configured, so the probe's
+    shards are shaped like the run's (a few per stage) and their rates carry over."""
     import dataclasses as dc
 
-    one = 1 << 30  # a shard size no probe reaches: every stage is one shard
     steps = 2 if cfg.train.max_steps < 1 else min(cfg.train.max_steps, 2)
     probe_cfg = dc.replace(
         cfg,
@@ -193,14 +194,10 @@ def probe(cfg: CptConfig) -> None:
         plan=False,
         wait=True,
         tasks=dc.replace(cfg.tasks, num_tasks=min(cfg.tasks.num_tasks or 2, 2)),
-        generate=dc.replace(cfg.generate, shard_size=one),
-        sysprompts=dc.replace(cfg.sysprompts, shard_size=one),
-        adherence=dc.replace(cfg.adherence, shard_size=one),
-        evaluate=dc.replace(cfg.evaluate, shard_size=one),
         train=dc.replace(cfg.train, max_steps=steps),
         planner=dc.replace(cfg.planner, table=str(planner.table_path(cfg))),
     )
-    log.info("plan=probe: every stage as one shard of 2 tasks in %s", probe_cfg.run_dir)
+    log.info("plan=probe: every stage on 2 tasks in %s", probe_cfg.run_dir)
     try:
         run(probe_cfg)
     except store.StoreError as exc:  # e.g. neither task fits a rubric's genres: no pairs
