@@ -85,12 +85,12 @@ def test_the_table_is_learnt_from_manifests_and_predicts_from_it(tmp_path):
     assert "generate | builtin:tiny | hf | cpu" in saved["rates"] and len(saved["samples"]) == 2
     assert planner.learn(cfg).samples == table.samples  # learnt again: nothing counted twice
     pred = planner.predict(cfg, plan["generate"], table)
-    bound = sum(p.bound_tokens for p in pred.phases)  # 6 rows x 16 tokens
-    # hf decodes batches step by step: shards of 4 and 2 rows, 2 batches x 16 steps
+    bound = sum(p.bound_tokens for p in pred.phases)  # 9 rows x 16 tokens
+    # hf decodes batches step by step: shards of 4, 4 and 1 rows, 3 batches x 16 steps
     units = sum(p.units for p in pred.phases)
-    assert (bound, units, pred.missing) == (96, 32, [])
+    assert (bound, units, pred.missing) == (144, 48, [])
     assert pred.seconds == pytest.approx(5.0 + 5.0 + units * 40 / 200)
-    assert pred.completion_tokens == 48  # half of the bound, as measured
+    assert pred.completion_tokens == 72  # half of the bound, as measured
     assert planner.predict(cfg, plan["tasks"], table).seconds == 2.0
     judged = planner.predict(cfg, plan["adherence"], table)  # the judge was never measured
     assert judged.seconds is None
