@@ -2,7 +2,8 @@
 
     python -m benchmarks                    # full sizes (tens of minutes on 2 CPU cores)
     python -m benchmarks --quick            # CI mode: under 3 minutes on 2 CPU cores
-    python -m benchmarks --only runner data # a subset (names: engines runner train data pipeline)
+    python -m benchmarks --only runner data # a subset (names: engines runner train refcache data
+                                            # pipeline warm)
 
 Each benchmark runs in its own process (`python -m benchmarks.bench_<name> [--quick]`), one
 after the other, so a crash or a memory peak in one cannot touch the others, and no two
@@ -30,7 +31,7 @@ from benchmarks import REPO, machine, md_table
 
 HERE = Path(__file__).resolve().parent
 # the order of the issue: engines, runner, training, data layer, end to end
-BENCHES = ("engines", "runner", "train", "data", "pipeline", "planner")
+BENCHES = ("engines", "runner", "train", "refcache", "data", "pipeline", "warm", "planner")
 TIMEOUT_S = {"quick": 900, "full": 7200}  # per benchmark; the quick total target is 180 s
 
 

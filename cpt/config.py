@@ -336,6 +336,10 @@ class ParallelConfig:
     part_rows (`int`): rows per part-file inside a shard; a killed shard keeps its finished
         parts and its re-run recomputes only the rest. 0 = the hf engine's batch_size, and
         the whole shard for vllm/openai (whose throughput wants one big call per shard).
+    warm (`bool`): keep a stage's engine replicas loaded for the next stage of this process
+        that uses the same model and engine settings (teacher: generate then sysprompts;
+        judge: adherence then evaluate); closed before training, at the end and on errors
+        (`cpt.warm`). false: every stage loads and closes its own.
     """
 
     backend: str = "ray"
@@ -343,6 +347,7 @@ class ParallelConfig:
     num_cpus: int = 0
     log_every_s: float = 30.0
     part_rows: int = 0
+    warm: bool = True
 
     def __post_init__(self) -> None:
         check(self.part_rows >= 0, "parallel.part_rows", f"must be >= 0, got {self.part_rows}")
@@ -606,9 +611,16 @@ class TrainConfig:
 
         beta (`float`, defaults to `0.1`): DPO β, the strength of the pull towards the reference
             (paper; also TRL's default). Higher β = smaller deviation from the base.
-        precompute_ref_log_probs (`bool`, defaults to `False`): compute the reference log-probs
-            once before training (TRL caches them keyed by data + model hash) instead of one
-            adapter-disabled forward per step; faster for several epochs.
+        ref_table (`bool`, defaults to `True`): read the reference log-probs from a shared table
+            (`<run_dir>/reflogps/<student>-<key>/`, Parquet, `cpt.reftable`) instead of one
+            adapter-disabled forward per step and evaluation: built once per (base model,
+            weights, precision, token ids of the rows, max length) and reused by every run
+            that shares them (a `train.beta` sweep, seeds, learning rates). Same losses; the
+            train manifest's `ref_table` says whether it was computed or reused, and from
+            where. Overrides `precompute_ref_log_probs`.
+        precompute_ref_log_probs (`bool`, defaults to `False`): without `ref_table`: compute the
+            reference log-probs once before training (TRL, in memory, for this run only)
+            instead of one adapter-disabled forward per step; faster for several epochs.
 
         > Optimisation
 
@@ -683,6 +695,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     save_steps: int = 50
     seed: int = 0
+    ref_table: bool = True
     precompute_ref_log_probs: bool = False
     logging_steps: int = 1
     gpus: int = 1

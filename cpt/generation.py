@@ -8,13 +8,16 @@ each builds its own engine once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from cpt.config import EngineConfig, ModelConfig, ParallelConfig
+from cpt.config import EngineConfig, ModelConfig, ModelKind, ParallelConfig, SamplingConfig
 from cpt.engines.base import Engine, Request, Sampling
 from cpt.parallel import Resources, Row, RunStats, WorkerFactory, run_sharded
+from cpt.warm import WarmEngines
 
 _WORK_KEYS = ("id", "seed", "adapter")  # the rest (prompt messages too) passes through
 
@@ -38,17 +41,40 @@ def sampling_of(model: ModelConfig, seed: int) -> Sampling:
     return Sampling(s.max_new_tokens, s.temperature, s.top_p, seed)
 
 
+def engine_identity(model: ModelConfig, engine: EngineConfig) -> dict[str, Any]:
+    """What an engine of `model` is built from: every setting but the role's name and its
+    sampling (each request carries its own), so the teacher's engine can serve a judge of the
+    same model, path, revision, dtype, context, GPUs and engine settings (`cpt.warm`)."""
+    kind = model.engine or engine.kind
+    return {
+        "model": model.path if model.kind is ModelKind.model else f"program:{model.program}",
+        "engine": getattr(kind, "value", kind),
+        "settings": dataclasses.replace(model, name="-", sampling=SamplingConfig(), paper_id=""),
+        "engine_config": engine,
+    }
+
+
 @dataclass(frozen=True)
 class GenerateFactory:
-    """Builds a worker that runs each row's chat through `model` and keeps the metadata."""
+    """Builds a worker that runs each row's chat through `model` and keeps the metadata.
+    Reusable (`cpt.warm`): `load` builds the engine, `bind` the worker around it."""
 
     model: ModelConfig
     engine: EngineConfig
 
-    def __call__(self):
+    def __call__(self) -> EngineWorker:
+        engine = self.load()
+        return EngineWorker(engine, self.bind(engine))
+
+    def warm_identity(self) -> dict[str, Any]:
+        return engine_identity(self.model, self.engine)
+
+    def load(self) -> Engine:
         from cpt.engines import build_engine
 
-        engine = build_engine(self.model, self.engine)
+        return build_engine(self.model, self.engine)
+
+    def bind(self, engine: Engine) -> Callable[[list[Row]], list[Row]]:
         model = self.model
 
         def work(rows: list[Row]) -> list[Row]:
@@ -77,23 +103,33 @@ class GenerateFactory:
                 for r, o in zip(rows, outs)
             ]
 
-        return EngineWorker(engine, work)
+        return work
 
 
 @dataclass(frozen=True)
 class JudgeFactory:
-    """Builds a worker that judges rows (`messages` = the judge prompt) with retries."""
+    """Builds a worker that judges rows (`messages` = the judge prompt) with retries.
+    Reusable (`cpt.warm`) like `GenerateFactory`, and with the same identity for one model."""
 
     model: ModelConfig
     engine: EngineConfig
     repair_template: str
     max_attempts: int
 
-    def __call__(self):
-        from cpt.engines import build_engine
-        from cpt.judge import JudgeItem, judge_all
+    def __call__(self) -> EngineWorker:
+        engine = self.load()
+        return EngineWorker(engine, self.bind(engine))
 
-        engine = build_engine(self.model, self.engine)
+    def warm_identity(self) -> dict[str, Any]:
+        return engine_identity(self.model, self.engine)
+
+    def load(self) -> Engine:
+        from cpt.engines import build_engine
+
+        return build_engine(self.model, self.engine)
+
+    def bind(self, engine: Engine) -> Callable[[list[Row]], list[Row]]:
+        from cpt.judge import JudgeItem, judge_all
 
         def work(rows: list[Row]) -> list[Row]:
             items = [
@@ -126,7 +162,7 @@ class JudgeFactory:
                 for r, v in zip(rows, verdicts)
             ]
 
-        return EngineWorker(engine, work)
+        return work
 
 
 def run_rows(
@@ -139,8 +175,10 @@ def run_rows(
     parallel: ParallelConfig,
     label: str,
     should_stop=None,
+    warm: WarmEngines | None = None,
 ) -> RunStats:
-    """`run_sharded` with the replica count, resources and part size taken from the configs."""
+    """`run_sharded` with the replica count, resources and part size taken from the configs;
+    `warm`: the run's warm engines (`StageContext.warm`), None to load and close here."""
     from cpt.config import EngineKind
 
     part_rows = parallel.part_rows
@@ -160,4 +198,5 @@ def run_rows(
         label=label,
         should_stop=should_stop,
         part_rows=part_rows,
+        warm=warm,
     )

@@ -8,7 +8,8 @@ is skipped, and two configs that differ only in a student share every data stage
 `resolve` computes every node's key, folder, done-state and job resources exactly once
 per launch; the local runner (`cpt.pipeline`), the Slurm submitter (`cpt.slurm`),
 `plan=true` and `stage=status` all read that one plan. This module sits at the bottom:
-it imports only `cpt.store` (the config is a type here, never imported at run time).
+it imports only `cpt.store` (the config and the warm engines are types here, never imported
+at run time).
 """
 
 from __future__ import annotations
@@ -23,19 +24,22 @@ from cpt import store
 
 if TYPE_CHECKING:
     from cpt.config import CptConfig
+    from cpt.warm import WarmEngines
 
 TRAIN = "train"  # in `StageSpec.runs`: DPO training of the student (torch.distributed ranks)
 
 
 @dataclass
 class StageContext:
-    """What a stage's `run` gets: the config, its output folder and its input folders."""
+    """What a stage's `run` gets: the config, its output folder and its input folders, and
+    the run's warm engines (`cpt.warm`; None: every engine is loaded and closed in the stage)."""
 
     cfg: CptConfig
     name: str
     key: str
     out_dir: Path
     inputs: dict[str, Path] = field(default_factory=dict)
+    warm: WarmEngines | None = None
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from cpt import store
 from cpt.replicas import ReplicaPool, Resources, init_ray, replica_count
+from cpt.warm import Held, WarmEngines
 
 log = logging.getLogger(__name__)
 
@@ -220,9 +221,12 @@ def run_sharded(
     label: str = "",
     should_stop: Callable[[], bool] | None = None,
     part_rows: int = 0,
+    warm: WarmEngines | None = None,
 ) -> RunStats:
     """Process `rows` in shards under `out_dir/shards`, skipping shards already finished;
-    `part_rows` > 0 keeps the finished parts of interrupted shards (module docstring).
+    `part_rows` > 0 keeps the finished parts of interrupted shards (module docstring);
+    with `warm`, replicas of the same identity are taken from it and handed back to it
+    (`cpt.warm`) instead of being started and closed here.
 
     Returns the stats of all shards (finished before and now). Raises StoreError if
     `should_stop()` became true before every shard was finished (e.g. preemption): the
@@ -246,20 +250,7 @@ def run_sharded(
         payload = {i: [rows[j] for j in shards[i]] for i in todo}
         try:
             if backend == "inline":
-                worker = factory()
-                try:
-                    for i in todo:
-                        if should_stop and should_stop():
-                            break
-                        receipt = process_shard(
-                            worker, out_dir, i, payload[i], part_rows, should_stop
-                        )
-                        if receipt is None:  # stopped between two parts
-                            break
-                        done[i] = receipt
-                        progress.update(receipt)
-                finally:  # the next stage may need the GPU memory this engine holds
-                    close_worker(worker)
+                _run_inline(payload, out_dir, part_rows, factory, done, progress, should_stop, warm)
             else:
                 retried = _run_ray(
                     payload,
@@ -273,6 +264,7 @@ def run_sharded(
                     done,
                     progress,
                     should_stop,
+                    warm,
                 )
         finally:
             progress.close()
@@ -300,28 +292,73 @@ def run_sharded(
     )
 
 
+def _run_inline(
+    payload: dict[int, list[Row]],
+    out_dir: Path,
+    part_rows: int,
+    factory: WorkerFactory,
+    done: dict[int, dict],
+    progress: _Progress,
+    should_stop: Callable[[], bool] | None,
+    warm: WarmEngines | None,
+) -> None:
+    """The shards one after another in this process, by one worker (warm, or built here)."""
+    key = warm.key(factory) if warm is not None else None
+    entry = warm.acquire(key) if warm is not None else None
+    held = entry.pool if entry else Held(factory)
+    if entry:
+        held.bind(factory)
+    finished = False
+    try:
+        for i in payload:
+            if should_stop and should_stop():
+                break
+            receipt = process_shard(held.worker, out_dir, i, payload[i], part_rows, should_stop)
+            if receipt is None:  # stopped between two parts
+                break
+            done[i] = receipt
+            progress.update(receipt)
+        finished = True
+    finally:
+        if finished and warm is not None and key:
+            warm.release(warm.record(factory, key, entry, held.load_seconds, 1), held)
+        else:  # the next stage may need the GPU memory this engine holds
+            held.close()
+
+
 def _make_actor_class():
     import ray
 
     @ray.remote(max_restarts=0)
     class ShardActor:
         def __init__(self, factory: WorkerFactory):
-            self.worker = factory()
+            self.held = Held(factory)
+
+        def bind(self, factory: WorkerFactory) -> None:
+            self.held.bind(factory)
+
+        def load_seconds(self) -> float:
+            return self.held.load_seconds
 
         def run(self, out_dir: str, index: int, rows: list[Row], part_rows: int) -> dict | None:
-            return process_shard(self.worker, Path(out_dir), index, rows, part_rows)
+            return process_shard(self.held.worker, Path(out_dir), index, rows, part_rows)
 
         def close(self) -> None:
-            close_worker(self.worker)
+            self.held.close()
 
     return ShardActor
 
 
-def close_worker(worker: Worker) -> None:
-    """Free what a worker holds (its engine's model, GPU memory) if it can say so."""
-    close = getattr(worker, "close", None)
-    if callable(close):
-        close()
+def _load_seconds(refs: list[Any]) -> float:
+    """The longest model load of the replicas started side by side (one that died since is
+    left out)."""
+    import ray
+
+    seconds = []
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            seconds.append(ray.get(ref, timeout=WAIT_S))
+    return max(seconds, default=0.0)
 
 
 def _run_ray(
@@ -336,6 +373,7 @@ def _run_ray(
     done: dict[int, dict],
     progress: _Progress,
     should_stop: Callable[[], bool] | None,
+    warm: WarmEngines | None,
 ) -> int:
     """Actor pool pulling shards from a queue; a shard whose actor died goes back in."""
     import ray
@@ -343,7 +381,20 @@ def _run_ray(
 
     init_ray(address, num_cpus)
     label = progress.label
-    pool = ReplicaPool(_make_actor_class(), factory, resources, label)
+    key = warm.key(factory, resources, address) if warm is not None else None
+    entry = warm.acquire(key) if warm is not None else None
+    if entry:  # warm replicas: the same engine, this stage's worker around it
+        try:
+            ray.get([a.bind.remote(factory) for a in entry.pool.actors])
+        except Exception as exc:  # one died while idle: start afresh
+            log.warning("%s: warm replicas lost (%s); starting new ones", label, exc)
+            entry.pool.close(graceful=False)
+            entry = None
+    if entry:
+        pool = entry.pool
+        pool.factory, pool.label = factory, label  # (for replacements)
+    else:
+        pool = ReplicaPool(_make_actor_class(), factory, resources, label)
     queue = sorted(payload)
     attempts = dict.fromkeys(payload, 0)
     in_flight: dict[Any, tuple[Any, int]] = {}
@@ -358,11 +409,18 @@ def _run_ray(
 
     watch = HeadWatch(ray.get_runtime_context().gcs_address, str(out_dir), done)
     try:
-        n = replica_count(replicas, resources, len(payload), address)
+        held = len(pool.actors)
+        n = replica_count(replicas, resources, len(payload), address, held)
         log.info(
-            "%s: %d replica(s), %s GPU and %s CPU each", label, n, resources.gpus, resources.cpus
+            "%s: %d replica(s), %s GPU and %s CPU each%s",
+            label,
+            n,
+            resources.gpus,
+            resources.cpus,
+            f" ({held} warm from stage {entry.loaded_in})" if entry else "",
         )
-        for actor in pool.start(n):
+        loads = [a.load_seconds.remote() for a in pool.start(max(0, n - held))]
+        for actor in pool.actors:
             dispatch(actor)
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=WAIT_S)
@@ -400,6 +458,9 @@ def _run_ray(
         if watch.lost.is_set():  # nobody to talk to: leave without Ray's own time-out
             with contextlib.suppress(Exception):
                 ray.shutdown()
+        elif finished and warm is not None and key:  # kept for the next stage that uses them
+            load_s = _load_seconds(loads)
+            warm.release(warm.record(factory, key, entry, load_s, len(pool.actors)), pool)
         else:  # actors and their placement groups go: the next stage finds the GPUs free
             pool.close(graceful=finished)
     return retried

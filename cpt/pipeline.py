@@ -35,6 +35,7 @@ from cpt.graph import (
 from cpt.graph import resolve as resolve_graph
 from cpt.replicas import check_gpus
 from cpt.stages import STAGES
+from cpt.warm import WarmEngines
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +68,22 @@ def config_dict(cfg: CptConfig) -> dict[str, Any]:
     return store.redact(store._canonical(cfg))
 
 
-def _run_node(plan: RunPlan, node: Node, inputs: dict[str, Path]) -> Path:
+def _run_node(plan: RunPlan, node: Node, inputs: dict[str, Path], warm: WarmEngines) -> Path:
     """Run one stage under its lock and write its manifest (re-checked under the lock:
-    another launch may have finished it since the plan was resolved)."""
+    another launch may have finished it since the plan was resolved). Warm engines are
+    closed before a stage that trains: training needs their memory."""
     cfg, spec, out = plan.cfg, node.spec, node.folder
     with store.stage_lock(out):
         if not spec.always_run and store.is_done(out):
             return out
         log.info("stage %s: running -> %s", node.name, out)
         started = time.time()
-        ctx = StageContext(cfg=cfg, name=node.name, key=node.key, out_dir=out, inputs=inputs)
+        if TRAIN in spec.runs:
+            warm.close_all(f"stage {node.name} trains")
+        warm.begin(node.name)
+        ctx = StageContext(
+            cfg=cfg, name=node.name, key=node.key, out_dir=out, inputs=inputs, warm=warm
+        )
         stats = spec.run(ctx)
         ended = time.time()
         phases = stats.get("phases", [])
@@ -93,6 +100,7 @@ def _run_node(plan: RunPlan, node: Node, inputs: dict[str, Path]) -> Path:
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "argv": sys.argv,
             **{("work_seconds" if k == "seconds" else k): v for k, v in stats.items()},
+            **warm.report(),  # engines loaded or reused (from which stage), load seconds
             # the stage's wall time, as the run log says it (a stage's own `seconds`, e.g.
             # the runner's, is kept as work_seconds rather than shadowing it)
             "started": started,
@@ -123,18 +131,22 @@ def run_plan(plan: RunPlan) -> list[Path]:
     cfg = plan.cfg
     wanted = getattr(cfg.stage, "value", None)
     outs = []
-    for node in plan.selected_nodes():
-        explicit = wanted == node.name
-        if node.done and not node.always_run:
-            (log.info if wanted is None or explicit else log.debug)(
-                "stage %s: done already (%s), skipping", node.name, node.folder
-            )
-            outs.append(node.folder)
-            continue
-        # an explicitly requested view (stage=report) renders what exists, computing nothing
-        render_only = node.always_run and explicit
-        inputs = {} if render_only else {dep: plan[dep].folder for dep in node.needs}
-        outs.append(_run_node(plan, node, inputs))
+    warm = WarmEngines(enabled=cfg.parallel.warm)  # engines kept from stage to stage
+    try:
+        for node in plan.selected_nodes():
+            explicit = wanted == node.name
+            if node.done and not node.always_run:
+                (log.info if wanted is None or explicit else log.debug)(
+                    "stage %s: done already (%s), skipping", node.name, node.folder
+                )
+                outs.append(node.folder)
+                continue
+            # an explicitly requested view (stage=report) renders what exists, computing nothing
+            render_only = node.always_run and explicit
+            inputs = {} if render_only else {dep: plan[dep].folder for dep in node.needs}
+            outs.append(_run_node(plan, node, inputs, warm))
+    finally:  # the end of the run, or an error: no replica outlives it
+        warm.close_all("the run is over")
     return outs
 
 
@@ -160,7 +172,11 @@ def run_stage(cfg: CptConfig, name: str) -> Path:
             StageContext(cfg=cfg, name=name, key=node.key, out_dir=node.folder, inputs=inputs)
         )
         return node.folder
-    return _run_node(plan, node, inputs)
+    warm = WarmEngines(enabled=cfg.parallel.warm)  # within the stage (evaluate: student, judge)
+    try:
+        return _run_node(plan, node, inputs, warm)
+    finally:
+        warm.close_all("the stage is over")
 
 
 def plan_text(plan: RunPlan, predictions: dict[str, planner.Prediction]) -> str:

@@ -3,7 +3,8 @@
 One Ray session per process (`init_ray`), reused by every stage. A replica that needs GPUs
 gets its own placement group, which lives exactly as long as the replica (`ReplicaPool`):
 removed when the replica dies (before its replacement is scheduled) and when the pool
-closes (normal end, error, Ctrl-C), so the next stage finds the GPUs free. A model asking
+closes (normal end, error, Ctrl-C), so the next stage finds the GPUs free. (A stage may
+hand its pool to the next one of the same model instead of closing it: `cpt.warm`.) A model asking
 for more GPUs than there are is an error at once (`check_gpus`, `replica_count`), not Ray
 waiting forever.
 """
@@ -210,9 +211,12 @@ class ReplicaPool:
         return self.actor_cls.options(**options).remote(self.factory)
 
 
-def replica_count(requested: int, resources: Resources, n_shards: int, address: str) -> int:
-    """Replicas to start: `requested`, or with 0 as many as the free GPUs (CPUs) allow,
-    ⌊free / per replica⌋; never more than fit the cluster at all, nor than shards to do.
+def replica_count(
+    requested: int, resources: Resources, n_shards: int, address: str, held: int = 0
+) -> int:
+    """Replicas to run: `requested`, or with 0 as many as the free GPUs (CPUs) allow,
+    ⌊free / per replica⌋ plus the `held` ones the caller has already (warm, `cpt.warm`);
+    never more than fit the cluster at all, nor than shards to do.
 
     Raises StoreError when one replica needs more GPUs than the whole cluster has (Ray
     would wait for them forever).
@@ -232,5 +236,5 @@ def replica_count(requested: int, resources: Resources, n_shards: int, address: 
     else:
         fit = int(total.get("CPU", 1) // resources.cpus)
         room = int(free.get("CPU", 1) // resources.cpus)
-    n = requested if requested > 0 else room
+    n = requested if requested > 0 else room + held
     return max(1, min(n, fit, n_shards))

@@ -6,10 +6,12 @@ Reads conversational preference rows (TRL format: `id`, `prompt` = [system, user
     adapter/                    PEFT adapter (safetensors) + tokenizer; rank 0, temp folder + rename
     checkpoints/checkpoint-N/   HF Trainer checkpoints every `save_steps` optimizer steps (last 2 kept)
     metrics.parquet             one row per logged step: loss, rewards/*, learning_rate, epoch, ...
-    train_summary.json          config, data statistics, steps, throughput, where it resumed from
+    train_summary.json          config, data statistics, steps, throughput, where it resumed from,
+                                the reference table used (`ref_table`: computed or reused, where)
     run_key.json                what the checkpoints belong to (config + data hash), checked on resume
 
-The reference model is the base with the adapter disabled (no second copy). A re-launch resumes
+The reference model is the base with the adapter disabled (no second copy); with `ref_tables`
+its log-probs come from a table shared by runs (`cpt.reftable`). A re-launch resumes
 from the newest complete checkpoint and ends with the same adapter as a run never stopped; a
 finished run (summary with the same run key) is returned without training again. The system
 prompt is never truncated (`cpt.fitting`). The recipe is `cpt.config.TrainConfig`.
@@ -56,6 +58,7 @@ from cpt.recipe import (
     save_adapter,
     zero_stage,
 )
+from cpt.reftable import use_table
 from cpt.store import (
     atomic_write_json,
     atomic_write_parquet,
@@ -63,23 +66,13 @@ from cpt.store import (
     package_versions,
     read_json,
 )
-from cpt.train_log import console, quiet_datasets
+from cpt.train_log import console, metrics_table, quiet_datasets
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 log = logging.getLogger("cpt.train")
 
-METRIC_COLUMNS = (
-    "step",
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "learning_rate",
-    "epoch",
-)
 CHECKPOINT_PREFIX = "checkpoint-"
 SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk; the newest is the one a re-launch resumes from
 
@@ -91,7 +84,7 @@ class TrainResult:
     losses: the logged training loss per logged step (the whole run, resumed or not).
     steps: optimizer steps done in total. samples_per_s: preference rows per second over the
     optimizer steps this launch ran (all processes). resumed_from_step: the checkpoint step this
-    launch started from, None for a fresh start.
+    launch started from, None for a fresh start. ref_table: `cpt.reftable.TableUse` as a dict.
     """
 
     adapter_dir: Path
@@ -100,6 +93,7 @@ class TrainResult:
     steps: int
     samples_per_s: float
     resumed_from_step: int | None
+    ref_table: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -124,22 +118,6 @@ def _drop_incomplete_checkpoints(checkpoints_dir: Path) -> None:
         if p.is_dir() and not (p / "trainer_state.json").is_file():
             log.warning("train: removing incomplete checkpoint %s", p)
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _metrics_table(log_history: list[dict[str, Any]]) -> pa.Table:
-    rows = [h for h in log_history if "loss" in h and "step" in h]
-    extra = sorted(
-        {
-            k
-            for h in rows
-            for k, v in h.items()
-            if k not in METRIC_COLUMNS and isinstance(v, int | float)
-        }
-    )
-    fields = [pa.field("step", pa.int64())]
-    fields += [pa.field(c, pa.float64()) for c in (*METRIC_COLUMNS[1:], *extra)]
-    data = {f.name: [h.get(f.name) for h in rows] for f in fields}
-    return pa.table(data, schema=pa.schema(fields))
 
 
 # ------------------------------------------------------------------ training
@@ -198,6 +176,7 @@ def _result_from_summary(out_dir: Path, summary: dict[str, Any]) -> TrainResult:
         steps=int(summary["steps"]),
         samples_per_s=float(summary["samples_per_s"]),
         resumed_from_step=summary.get("resumed_from_step"),
+        ref_table=summary.get("ref_table"),
     )
 
 
@@ -221,6 +200,8 @@ class _Run:
     world: int
     resume: Path | None
     quantized: str | None = None  # what the base model was loaded as ("4bit", "8bit")
+    ref_tables: Path | None = None  # where shared reference tables live (None: none used)
+    ref_table: dict[str, Any] | None = None  # the table this launch used
 
     @property
     def ckpt_dir(self) -> Path:
@@ -320,6 +301,7 @@ def _trainer(run: _Run, timer: _StepTimer, callbacks: Sequence[TrainerCallback] 
         trust_remote_code=run.student.trust_remote_code,
         save_total_limit=SAVE_TOTAL_LIMIT,
     )
+    args.precompute_ref_log_probs &= run.ref_tables is None  # a table supersedes TRL's own
     model = load_model(run.student, run.cfg, run.model_path, run.use_cpu, zero_stage(run.ds_file))
     run.quantized = (
         "4bit"
@@ -338,6 +320,9 @@ def _trainer(run: _Run, timer: _StepTimer, callbacks: Sequence[TrainerCallback] 
         peft_config=lora_config(run.cfg),
         callbacks=[timer.callback(), *(callbacks or [])],
     )
+    if run.ref_tables is not None:
+        use = use_table(trainer, run.ref_tables, run.student, run.cfg.quantization, run.model_path)
+        run.ref_table = dataclasses.asdict(use)
     console(trainer)
     return trainer
 
@@ -353,7 +338,7 @@ def _save(run: _Run, trainer, timer: _StepTimer, eval_metrics: dict | None) -> T
     resumed_from = int(run.resume.name.removeprefix(CHECKPOINT_PREFIX)) if run.resume else None
     save_adapter(trainer, run.tokenizer, out_dir / "adapter")
     if trainer.is_world_process_zero():
-        atomic_write_parquet(out_dir / "metrics.parquet", _metrics_table(trainer.state.log_history))
+        atomic_write_parquet(out_dir / "metrics.parquet", metrics_table(trainer.state.log_history))
         summary = {
             "run_key": run.key,
             "train": dataclasses.asdict(cfg),
@@ -377,6 +362,7 @@ def _save(run: _Run, trainer, timer: _StepTimer, eval_metrics: dict | None) -> T
             "steps_this_launch": timer.steps(),
             "seconds_this_launch": timer.seconds(),
             "resumed_from_step": resumed_from,
+            "ref_table": run.ref_table,
             "versions": package_versions(),
         }
         atomic_write_json(out_dir / "train_summary.json", summary)
@@ -388,6 +374,7 @@ def _save(run: _Run, trainer, timer: _StepTimer, eval_metrics: dict | None) -> T
         steps=trainer.state.global_step,
         samples_per_s=samples_per_s,
         resumed_from_step=resumed_from,
+        ref_table=run.ref_table,
     )
 
 
@@ -400,6 +387,7 @@ def train_dpo(
     deepspeed: DeepSpeedConfig | None = None,
     use_cpu: bool | None = None,
     callbacks: Sequence[TrainerCallback] | None = None,
+    ref_tables: str | Path | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on `student` with DPO on `train_rows`; resumable; see the module doc.
 
@@ -413,6 +401,8 @@ def train_dpo(
             single process if absent) and the gloo backend on CPU.
         use_cpu: force CPU (None = CPU when CUDA is absent). CPU runs in float32 (no bf16).
         callbacks: extra `transformers.TrainerCallback`s (tests use one to simulate a kill).
+        ref_tables: the folder of shared reference log-prob tables (`cpt.reftable`; used when
+            `cfg.ref_table`); None: the reference forward runs in this run (TRL).
 
     Raises:
         ValueError: rows without the required columns, or none fitting `max_prompt_length`.
@@ -421,6 +411,7 @@ def train_dpo(
     run = _setup(cfg, student, train_rows, Path(out_dir), eval_rows, deepspeed, use_cpu)
     if isinstance(run, TrainResult):  # finished already
         return run
+    run.ref_tables = Path(ref_tables) if ref_tables and cfg.ref_table else None
     timer = _StepTimer()
     trainer = _trainer(run, timer, callbacks)
     if run.resume:
@@ -500,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         eval_rows=read_rows(cli.eval_rows, cli.eval_split) if cli.eval_rows else None,
         deepspeed=ds,
         use_cpu=True if cli.cpu else None,
+        ref_tables=Path(cli.out).absolute().parent / "reflogps",  # shared by runs beside it
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(

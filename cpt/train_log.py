@@ -1,7 +1,7 @@
 """What training prints: a progress bar for a person at a terminal; one short line per
 logging step (loss, reward accuracy, margin) in a log file (Slurm, pipes). transformers'
 own output, a raw dict of ~15 numbers per step, is removed; every number still goes to
-train/<student>/metrics.parquet and the report's training section.
+train/<student>/metrics.parquet (`metrics_table`) and the report's training section.
 """
 
 from __future__ import annotations
@@ -9,8 +9,22 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
+
+import pyarrow as pa
 
 log = logging.getLogger("cpt.train")
+
+METRIC_COLUMNS = (
+    "step",
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "learning_rate",
+    "epoch",
+)
 
 
 def interactive() -> bool:
@@ -58,3 +72,20 @@ def quiet_datasets() -> None:
         from datasets.utils.logging import disable_progress_bar
 
         disable_progress_bar()
+
+
+def metrics_table(log_history: list[dict[str, Any]]) -> pa.Table:
+    """metrics.parquet: one row per logged step, METRIC_COLUMNS first, then any other number."""
+    rows = [h for h in log_history if "loss" in h and "step" in h]
+    extra = sorted(
+        {
+            k
+            for h in rows
+            for k, v in h.items()
+            if k not in METRIC_COLUMNS and isinstance(v, int | float)
+        }
+    )
+    fields = [pa.field("step", pa.int64())]
+    fields += [pa.field(c, pa.float64()) for c in (*METRIC_COLUMNS[1:], *extra)]
+    data = {f.name: [h.get(f.name) for h in rows] for f in fields}
+    return pa.table(data, schema=pa.schema(fields))

@@ -185,6 +185,24 @@ def test_sigkill_mid_generation_then_rerun_loses_and_duplicates_nothing(tmp_path
     assert len(ids) == n_total and len(set(ids)) == n_total  # none missing, none duplicated
 
 
+def test_a_beta_sweep_builds_the_reference_table_once(run_dir, tmp_path):
+    """`-m train.beta=0.1,0.2`: the first train run computes reflogps/<student>-<key>/, the
+    second reads it; each train manifest says which, and where (path + key)."""
+    import shutil
+
+    run = tmp_path / "run"
+    keep = shutil.ignore_patterns(".hydra", "*.lock", "train", "evaluate", "report", "reflogps")
+    shutil.copytree(run_dir, run, ignore=keep)
+    launch("-m", f"run_dir={run}", *FAST, "stage=train", "train.beta=0.1,0.2", timeout=900)
+    uses = [
+        store.read_json(folder(run, "train", f"train.beta={beta}") / "manifest.json")["ref_table"]
+        for beta in (0.1, 0.2)
+    ]
+    assert [u["status"] for u in uses] == ["computed", "reused"]
+    assert uses[0]["path"] == uses[1]["path"] and uses[0]["key"] == uses[1]["key"]
+    assert Path(uses[0]["path"]).parent == run / "reflogps" and store.is_done(uses[0]["path"])
+
+
 @pytest.mark.timeout(2400)
 def test_sweep_over_students_shares_data_stages_and_reports_both(run_dir):
     """The whole pipeline as a multirun over two students (one without a system role):

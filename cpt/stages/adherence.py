@@ -123,6 +123,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         cfg.engine,
         cfg.parallel,
         label="adherence",
+        warm=ctx.warm,
     )
     t2 = table2(cfg, store.read_shards(ctx.out_dir, stats.n_shards).to_pylist())
     store.atomic_write_parquet(ctx.out_dir / "table2.parquet", t2)

@@ -118,7 +118,8 @@ def response_grid(
     return rows
 
 
-def _generate(cfg: CptConfig, rows: list[dict], out_dir: Path, model: ModelConfig, what: str):
+def _generate(ctx: StageContext, rows: list[dict], out_dir: Path, model: ModelConfig, what: str):
+    cfg = ctx.cfg
     stats = run_rows(
         rows,
         out_dir,
@@ -128,11 +129,13 @@ def _generate(cfg: CptConfig, rows: list[dict], out_dir: Path, model: ModelConfi
         cfg.engine,
         cfg.parallel,
         label=f"evaluate[{cfg.student.name}] generate {what}",
+        warm=ctx.warm,
     )
     return stats, store.read_shards(out_dir, stats.n_shards).to_pylist()
 
 
-def _judge(cfg: CptConfig, judge: ModelConfig, rows: list[dict], out_dir: Path, what: str):
+def _judge(ctx: StageContext, judge: ModelConfig, rows: list[dict], out_dir: Path, what: str):
+    cfg = ctx.cfg
     factory = JudgeFactory(
         judge, cfg.engine, cfg.prompts.judge_repair, cfg.evaluate.judge_max_attempts
     )
@@ -145,6 +148,7 @@ def _judge(cfg: CptConfig, judge: ModelConfig, rows: list[dict], out_dir: Path, 
         cfg.engine,
         cfg.parallel,
         label=f"evaluate[{cfg.student.name}] {what}",
+        warm=ctx.warm,
     )
 
 
@@ -178,14 +182,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     shard = cfg.evaluate.shard_size
     if kind == "full":  # another model: its own engine, its own response shards
         base_stats, responses = _generate(
-            cfg,
+            ctx,
             response_grid(cfg, tasks, sysprompts, "", tuple(m for m in models if m != "cpt")),
             ctx.out_dir / "responses",
             cfg.student,
             "base",
         )
         cpt_stats, cpt_responses = _generate(
-            cfg,
+            ctx,
             response_grid(cfg, tasks, sysprompts, "", ("cpt",)),
             ctx.out_dir / "responses_cpt",
             tuned_model(cfg),
@@ -199,7 +203,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ]
     else:
         stats, responses = _generate(
-            cfg,
+            ctx,
             response_grid(cfg, tasks, sysprompts, adapter, models),
             ctx.out_dir / "responses",
             cfg.student,
@@ -209,10 +213,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         phases = [actual(cfg, "student", GENERATE, cfg.student, stats, shard)]
     # delimiter nonces: secret, resumable
     judge_rows = _judge_rows(cfg, tasks, responses, store.secret_file(ctx.out_dir / JUDGE_KEY))
-    stats = _judge(cfg, cfg.judge, judge_rows, ctx.out_dir, f"judge {cfg.judge.name}")
+    stats = _judge(ctx, cfg.judge, judge_rows, ctx.out_dir, f"judge {cfg.judge.name}")
     judges = panel(cfg)
     extra = {
-        name: _judge(cfg, judge, judge_rows, ctx.out_dir / "panel" / name, f"judge {name}")
+        name: _judge(ctx, judge, judge_rows, ctx.out_dir / "panel" / name, f"judge {name}")
         for name, judge in judges.items()
         if name != cfg.judge.name
     }
@@ -223,7 +227,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             cfg.judge, sampling=dataclasses.replace(cfg.judge.sampling, temperature=temp)
         )
     agree_stats = _judge(
-        cfg, again, agreement_rows(cfg, judge_rows), ctx.out_dir / "agreement", "judge again"
+        ctx, again, agreement_rows(cfg, judge_rows), ctx.out_dir / "agreement", "judge again"
     )
     return {
         **stats.as_dict(),

@@ -47,6 +47,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         cfg.engine,
         cfg.parallel,
         label="generate",
+        warm=ctx.warm,
     )
     return {
         **stats.as_dict(),

@@ -62,6 +62,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         cfg.engine,
         cfg.parallel,
         label="sysprompts",
+        warm=ctx.warm,
     )
     return {
         **stats.as_dict(),

@@ -2,7 +2,8 @@
 bitsandbytes QLoRA and DeepSpeed ZeRO); the reference is the adapter-disabled base.
 Reads pairs/; writes train/<student>-<key>/: adapter/ (PEFT, safetensors, + tokenizer),
 checkpoints/ (every train.save_steps; a re-launch resumes from the last), metrics.parquet,
-train_summary.json.
+train_summary.json. The reference log-probs come from a table shared by the runs of these
+pairs (reflogps/<student>-<key>/ beside the stage folders, `cpt.reftable`), built once.
 Run alone: python jobs/launch.py stage=train student=<name>
 Sweep:     python jobs/launch.py -m stage=train student=a,b   (data stages run once)
 """
@@ -18,6 +19,8 @@ from cpt.config import CptConfig, resolve_path
 from cpt.fitting import select_split
 from cpt.graph import TRAIN, StageContext, StageSpec
 from cpt.workload import Phase, config_tasks, teacher_grid, world_size
+
+REF_TABLES = "reflogps"  # the folder of shared reference log-prob tables, beside the stages
 
 
 def params(cfg: CptConfig) -> dict[str, Any]:
@@ -53,6 +56,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         eval_rows=eval_rows if eval_rows.num_rows else None,
         deepspeed=cfg.deepspeed,
         callbacks=[wall_clock_checkpoints(cfg.cluster.checkpoint_every_min)],
+        ref_tables=ctx.inputs["pairs"].parent.parent / REF_TABLES,  # <run_dir>/reflogps
     )
     _free_gpu_memory()  # the next stage's engine (another process) needs it
     done = result.steps - (result.resumed_from_step or 0)
@@ -80,6 +84,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "samples_per_s": result.samples_per_s,
         "resumed_from_step": result.resumed_from_step,
         "adapter_dir": str(result.adapter_dir),
+        "ref_table": result.ref_table,  # computed or reused, and from where (path + key)
         "phases": [phase.as_dict()],
     }
 
