@@ -3,7 +3,7 @@
     python -m benchmarks                    # full sizes (tens of minutes on 2 CPU cores)
     python -m benchmarks --quick            # CI mode: under 3 minutes on 2 CPU cores
     python -m benchmarks --only runner data # a subset (names: engines runner train refcache data
-                                            # pipeline warm prefix)
+                                            # pipeline warm planner prefix)
 
 Each benchmark runs in its own process (`python -m benchmarks.bench_<name> [--quick]`), one
 after the other, so a crash or a memory peak in one cannot touch the others, and no two
@@ -31,7 +31,9 @@ from benchmarks import REPO, machine, md_table
 
 HERE = Path(__file__).resolve().parent
 # the order of the issue: engines, runner, training, data layer, end to end
-BENCHES = ("engines", "runner", "train", "refcache", "data", "pipeline", "warm", "prefix")
+BENCHES = (
+    *("engines", "runner", "train", "refcache", "data", "pipeline", "warm", "planner", "prefix"),
+)
 TIMEOUT_S = {"quick": 900, "full": 7200}  # per benchmark; the quick total target is 180 s
 
 

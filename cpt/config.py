@@ -787,12 +787,35 @@ class TrainConfig:
 
 
 @dataclass
+class PlannerConfig:
+    """The GPU-hour planner (`plan=true`, `plan=probe`; `cpt.planner`).
+
+    Parameters:
+    table (`str`): the learnt throughput table (JSON); empty = `<run_dir>/.cpt/throughput.json`.
+        A shared path lets every run of a project calibrate the next.
+    learn_from (`list[str]`): more run folders whose finished stages calibrate the table,
+        besides `run_dir` and its probe (`<run_dir>/.cpt/probe`).
+    """
+
+    table: str = ""
+    learn_from: list[str] = field(default_factory=list)
+
+
+PLAN_MODES = (False, True, "probe")
+
+
+@dataclass
 class CptConfig:
-    """The whole composed configuration of a cpt run."""
+    """The whole composed configuration of a cpt run.
+
+    plan: `true` prints what would run (stages, jobs, predicted tokens, wall time and
+    GPU-hours) and runs nothing; `probe` first runs every stage on two of the tasks in
+    `<run_dir>/.cpt/probe` to calibrate the planner, then prints the plan.
+    """
 
     run_dir: str = "outputs/runs/local"
     stage: StageName | None = None
-    plan: bool = False
+    plan: bool | str = False
     wait: bool = False  # non-local cluster: block until the submitted jobs end; fail if one fails
     seed: int = 0
     # environment variables whose values are secrets: redacted wherever they would be written
@@ -817,6 +840,14 @@ class CptConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+
+    def __post_init__(self) -> None:
+        check(
+            self.plan in PLAN_MODES,
+            "plan",
+            f"must be one of true, false, probe; got {self.plan!r}",
+        )
 
 
 def register_configs() -> None:

@@ -160,8 +160,8 @@ class JudgeFactory:
                     "error": v.error,
                     "attempts": v.attempts,
                     "raw": v.raw,
+                    "prompt_tokens": prompt.get(r["id"], 0),
                     "completion_tokens": tokens.get(r["id"], 0),
-                    "prompt_tokens": prompt.get(r["id"], 0),  # all attempts, as completion_tokens
                     "cached_tokens": cached.get(r["id"]),
                 }
                 for r, v in zip(rows, verdicts)

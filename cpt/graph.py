@@ -55,6 +55,8 @@ class StageSpec:
     version: bump when the stage's logic changes, so old outputs are not reused.
     always_run: a cheap view of other stages (report): one folder, re-rendered every run.
     skip: inputs of `needs` a config does without (an external model needs no train).
+    estimate: the stage's model work counted from the config alone (`cpt.workload.Phase`
+        list; none for a stage that runs no model), for the planner.
     """
 
     name: str
@@ -67,6 +69,7 @@ class StageSpec:
     version: int = 1
     always_run: bool = False
     skip: Callable[[CptConfig], tuple[str, ...]] = lambda cfg: ()
+    estimate: Callable[[CptConfig], list[Any]] = lambda cfg: []
 
     def inputs(self, cfg: CptConfig) -> tuple[str, ...]:
         """`needs` less what this config does without (e.g. no train for an external model)."""

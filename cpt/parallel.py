@@ -69,6 +69,7 @@ class RunStats:
     retried_shards: int
     rows_reused: int = 0  # rows of interrupted shards kept from their part-files
     prompt_tokens: int = 0
+    shard_seconds: float = 0.0  # the shards' own times: `seconds` less engine start-up
     cached_tokens: int | None = None  # of prompt_tokens, from a prefix cache; None: not known
     prefix_cache: str = ""  # why there is no hit rate, or that the cache was off
 
@@ -113,8 +114,8 @@ def write_rows(out_dir: Path, index: int, rows: list[Row], stats: dict[str, Any]
     stats = {
         **stats,
         "tokens": sum(int(r.get("completion_tokens", 0) or 0) for r in rows),
-        "failures": sum(1 for r in rows if r.get("ok") is False),
         "prompt_tokens": sum(int(r.get("prompt_tokens", 0) or 0) for r in rows),
+        "failures": sum(1 for r in rows if r.get("ok") is False),
         "cached_tokens": _sum_known(r.get("cached_tokens") for r in rows),
     }
     rows = [{k: v for k, v in r.items() if k != "cached_tokens"} for r in rows]
@@ -297,6 +298,7 @@ def run_sharded(
         retried_shards=retried,
         rows_reused=reused,
         prompt_tokens=sum(r.get("prompt_tokens", 0) for r in receipts),
+        shard_seconds=round(sum(r.get("seconds", 0.0) for r in receipts), 3),
         cached_tokens=_sum_known(r.get("cached_tokens") for r in receipts),
     )
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cpt import store
+from cpt import planner, store
 from cpt.commands.check import run_check
 from cpt.commands.status import print_status
 from cpt.config import ConfigError, CptConfig, StageName, resolve_recipe, validate
@@ -86,6 +86,7 @@ def _run_node(plan: RunPlan, node: Node, inputs: dict[str, Path], warm: WarmEngi
         )
         stats = spec.run(ctx)
         ended = time.time()
+        phases = stats.get("phases", [])
         manifest = {
             "stage": node.name,
             "key": node.key,
@@ -105,6 +106,14 @@ def _run_node(plan: RunPlan, node: Node, inputs: dict[str, Path], warm: WarmEngi
             "started": started,
             "ended": ended,
             "seconds": round(ended - started, 3),
+            # the planner's: what was predicted at launch, what this run measured, where
+            "device": planner.device(cfg),
+            "predicted": planner.read_prediction(plan.run_dir, node.key),
+            "actual": {
+                "seconds": round(ended - started, 3),
+                "prompt_tokens": sum(p["prompt_tokens"] for p in phases),
+                "completion_tokens": sum(p["completion_tokens"] for p in phases),
+            },
         }
         manifest.setdefault("n_shards", 0)
         store.mark_done(out, manifest)
@@ -170,8 +179,9 @@ def run_stage(cfg: CptConfig, name: str) -> Path:
         warm.close_all("the stage is over")
 
 
-def plan_text(plan: RunPlan) -> str:
-    """What `run` would do, as a table: stage, status, work, output folder."""
+def plan_text(plan: RunPlan, predictions: dict[str, planner.Prediction]) -> str:
+    """What `run` would do, as a table: stage, status, work, output folder; then each
+    stage's predicted tokens, wall time and GPU-hours."""
     lines = [
         f"run_dir: {plan.run_dir}",
         f"{'stage':<12}{'status':<9}{'work':<34}folder",
@@ -180,7 +190,37 @@ def plan_text(plan: RunPlan) -> str:
         status = "done" if node.done else "pending"
         work = format_work(node.spec.plan(plan.cfg))
         lines.append(f"{node.name:<12}{status:<9}{work:<34}{node.folder.relative_to(plan.run_dir)}")
+    lines += planner.prediction_lines(predictions, planner.device(plan.cfg))
     return "\n".join(lines)
+
+
+def probe(cfg: CptConfig) -> None:
+    """`plan=probe`: the same stages, small and real, in `<run_dir>/.cpt/probe` (here, or
+    as Slurm jobs waited for), so their manifests calibrate the planner; the real run folder
+    is left alone. Small: two tasks (one to train on, one to test: every stage keeps the
+    data the next needs; a stage cut to its first shard could leave training no pair),
+    training at most 2 steps. Shard and batch sizes stay as configured, so the probe's
+    shards are shaped like the run's (a few per stage) and their rates carry over."""
+    import dataclasses as dc
+
+    steps = 2 if cfg.train.max_steps < 1 else min(cfg.train.max_steps, 2)
+    probe_cfg = dc.replace(
+        cfg,
+        run_dir=str(planner.probe_dir(cfg.run_dir)),
+        plan=False,
+        wait=True,
+        tasks=dc.replace(cfg.tasks, num_tasks=min(cfg.tasks.num_tasks or 2, 2)),
+        train=dc.replace(cfg.train, max_steps=steps),
+        planner=dc.replace(cfg.planner, table=str(planner.table_path(cfg))),
+    )
+    log.info("plan=probe: every stage on 2 tasks in %s", probe_cfg.run_dir)
+    try:
+        run(probe_cfg)
+    except store.StoreError as exc:  # e.g. neither task fits a rubric's genres: no pairs
+        raise store.StoreError(
+            f"plan=probe: {exc}; calibrate from a finished run instead "
+            "(planner.learn_from=[<run_dir>])"
+        ) from exc
 
 
 def run(cfg: CptConfig) -> list[Path]:
@@ -195,7 +235,10 @@ def run(cfg: CptConfig) -> list[Path]:
         print_status(resolve(cfg))
         return []
     cfg, recipe = resolve_recipe(cfg)
+    if cfg.plan == "probe":
+        probe(cfg)
     plan = resolve(cfg)  # (train=auto is resolved already: the same plan as status's)
+    predictions = planner.predict_plan(plan)
     trains = any(n.name == "train" and not n.done for n in plan.selected_nodes())
     # models the stages to run serve through engines, e.g. {"teacher"}: checked for GPUs
     roles = {r for n in plan.selected_nodes() if not n.done for r in n.spec.runs if r != TRAIN}
@@ -207,14 +250,15 @@ def run(cfg: CptConfig) -> list[Path]:
             raise ConfigError("; ".join(problems))
         if cfg.plan:
             print(recipe)  # before the jobs: their last line is the GPU-hours total
-            print(slurm.plan_jobs(plan))
+            print(slurm.plan_jobs(plan, predictions))
             return []
         if trains:
             log.info("%s", recipe)
+        planner.save_predictions(plan, predictions)
         return [s.out_dir for s in slurm.submit_pipeline(plan, run_stage)]
     if cfg.plan:
         print(recipe)
-        print(plan_text(plan))
+        print(plan_text(plan, predictions))
         return []
     # a model asking for more GPUs than there are: an error now, not Ray waiting forever
     problems = check_gpus(
@@ -225,6 +269,7 @@ def run(cfg: CptConfig) -> list[Path]:
         raise ConfigError("; ".join(problems))
     if trains:
         log.info("%s", recipe)
+    planner.save_predictions(plan, predictions)
     outs = run_plan(plan)
     if "report" in plan.selected:
         print(report_summary(plan["report"].folder))

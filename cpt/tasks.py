@@ -450,3 +450,14 @@ def _summarize(where: str, problems: list[str]) -> str:
     shown = "\n  ".join(problems[:_MAX_LISTED])
     more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
     return f"{where}: {len(problems)} problems:\n  {shown}{more}"
+
+
+def split_tasks(tasks: list[Task], test_fraction: float, seed: int) -> dict[str, str]:
+    """task_id -> "train" | "test": a seeded, order-independent split by task."""
+    from cpt.store import content_hash
+
+    order = sorted(tasks, key=lambda t: content_hash([seed, t.task_id]))
+    n_test = round(len(tasks) * test_fraction)
+    if len(tasks) >= 2:
+        n_test = min(max(n_test, 1), len(tasks) - 1)  # both splits non-empty
+    return {t.task_id: ("test" if i < n_test else "train") for i, t in enumerate(order)}

@@ -4,12 +4,14 @@ resources, dependencies and GPU-hours, read from the launch's `RunPlan`; submits
 from __future__ import annotations
 
 from cpt.graph import RunPlan, format_work
+from cpt.planner import Prediction, device, prediction_lines
 from cpt.slurm.jobs import have_slurm
 from cpt.slurm.submit import in_flight_job
 
 
-def plan_jobs(plan: RunPlan) -> str:
-    """What `submit_pipeline` would submit: jobs, resources, dependencies, GPU-hours."""
+def plan_jobs(plan: RunPlan, predictions: dict[str, Prediction]) -> str:
+    """What `submit_pipeline` would submit: jobs, resources, dependencies, GPU-hours (the
+    upper bound from time limits, then the planner's prediction)."""
     cfg = plan.cfg
     c = cfg.cluster
     rows = [("stage", "action", "resources", "afterok", "work")]
@@ -37,6 +39,7 @@ def plan_jobs(plan: RunPlan) -> str:
         f"qos {c.qos or '-'}); plan only, nothing is submitted",
         *("".join(f"{v:<{w}}" for v, w in zip(r[:4], widths)) + r[4] for r in rows),
         f"jobs to submit: {n_jobs}",
+        *prediction_lines(predictions, device(cfg)),
         f"GPU-hours (upper bound, GPUs x time limit of each new job): {gpu_hours:.1f}",
     ]
     return "\n".join(lines)

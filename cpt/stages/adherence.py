@@ -19,6 +19,8 @@ from cpt.graph import StageContext, StageSpec
 from cpt.judge import JUDGE_KEY, TRUNCATED, condition_parts, judge_grid
 from cpt.parallel import n_shards
 from cpt.prompts import generation_rows, load_selected_rubrics
+from cpt.workload import JUDGE, Phase, actual, config_tasks, fake_responses, teacher_grid
+from cpt.workload import estimate as phase_estimate
 
 
 def params(cfg: CptConfig) -> dict[str, Any]:
@@ -128,7 +130,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     store.atomic_write_parquet(ctx.out_dir / "table2.parquet", t2)
     store.atomic_write_text(ctx.out_dir / "table2.md", table2_markdown(t2, cfg.levels.names))
     truncated = sum(g["finish_reason"] == "length" for g in gens)
-    return {**stats.as_dict(), "judge_failures": stats.failures, "truncated_generations": truncated}
+    return {
+        **stats.as_dict(),
+        "judge_failures": stats.failures,
+        "truncated_generations": truncated,
+        "phases": [actual(cfg, "judge", JUDGE, cfg.judge, stats, cfg.adherence.shard_size)],
+    }
 
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
@@ -138,4 +145,14 @@ def plan(cfg: CptConfig) -> dict[str, Any]:
     return {"rows<=": n, "shards<=": n_shards(n, cfg.adherence.shard_size)}
 
 
-SPEC = StageSpec("adherence", ("tasks", "generate"), params, run, plan, runs=("judge",))
+def estimate(cfg: CptConfig) -> list[Phase]:
+    """Every generation judged (an upper bound: truncated ones may be skipped)."""
+    tasks = config_tasks(cfg)
+    gens = fake_responses(teacher_grid(cfg, tasks), cfg.teacher)
+    rows = work_grid(cfg, {t["id"]: t["text"] for t in tasks}, gens)
+    return [phase_estimate(cfg, "judge", JUDGE, cfg.judge, rows, cfg.adherence.shard_size)]
+
+
+SPEC = StageSpec(
+    "adherence", ("tasks", "generate"), params, run, plan, runs=("judge",), estimate=estimate
+)

@@ -33,6 +33,8 @@ from cpt.prompts import (
 )
 from cpt.rows import work_row
 from cpt.system_prompts import load_system_prompts, pick
+from cpt.workload import GENERATE, JUDGE, Phase, actual, config_tasks, fake_responses
+from cpt.workload import estimate as phase_estimate
 
 
 def panel(cfg: CptConfig) -> dict[str, ModelConfig]:
@@ -151,6 +153,24 @@ def _judge(ctx: StageContext, judge: ModelConfig, rows: list[dict], out_dir: Pat
     )
 
 
+def _judge_rows(cfg: CptConfig, tasks: list[dict], responses: list[dict], key: bytes | None):
+    return judge_grid(
+        cfg,
+        {t["id"]: t["text"] for t in tasks},
+        responses,
+        "evaljudge",
+        condition_parts,
+        lambda g: {
+            "student": g["student"],
+            "model": g["model"],
+            "response": g["text"],
+            "generation_ok": g["ok"],
+        },
+        key,
+        cfg.evaluate.judge_truncated,
+    )
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     tasks = store.read_table(ctx.inputs["tasks"]).to_pylist()
@@ -160,6 +180,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if not kind:
         adapter = str(ctx.inputs["train"] / "adapter")
     models = ("base", "cpt") if cfg.evaluate.baseline else ("cpt",)
+    shard = cfg.evaluate.shard_size
     if kind == "full":  # another model: its own engine, its own response shards
         base_stats, responses = _generate(
             ctx,
@@ -177,6 +198,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         )
         responses += cpt_responses
         gen_stats = {"base": base_stats.as_dict(), "cpt": cpt_stats.as_dict()}
+        phases = [
+            actual(cfg, "student", GENERATE, cfg.student, base_stats, shard),
+            actual(cfg, "student:cpt", GENERATE, tuned_model(cfg), cpt_stats, shard),
+        ]
     else:
         stats, responses = _generate(
             ctx,
@@ -186,25 +211,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "base + cpt",
         )
         gen_stats = stats.as_dict()
-    judge_rows = judge_grid(
-        cfg,
-        {t["id"]: t["text"] for t in tasks},
-        responses,
-        "evaljudge",
-        condition_parts,
-        lambda g: {
-            "student": g["student"],
-            "model": g["model"],
-            "response": g["text"],
-            "generation_ok": g["ok"],
-        },
-        store.secret_file(ctx.out_dir / JUDGE_KEY),  # delimiter nonces: secret, resumable
-        cfg.evaluate.judge_truncated,
-    )
+        phases = [actual(cfg, "student", GENERATE, cfg.student, stats, shard)]
+    # delimiter nonces: secret, resumable
+    judge_rows = _judge_rows(cfg, tasks, responses, store.secret_file(ctx.out_dir / JUDGE_KEY))
     stats = _judge(ctx, cfg.judge, judge_rows, ctx.out_dir, f"judge {cfg.judge.name}")
+    judges = panel(cfg)
     extra = {
         name: _judge(ctx, judge, judge_rows, ctx.out_dir / "panel" / name, f"judge {name}")
-        for name, judge in panel(cfg).items()
+        for name, judge in judges.items()
         if name != cfg.judge.name
     }
     temp = cfg.evaluate.agreement_temperature
@@ -226,6 +240,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "agreement_temperature": again.sampling.temperature,
         "adapter": adapter,
         "tuned": cfg.evaluate.tuned,
+        "phases": [
+            *phases,
+            actual(cfg, "judge", JUDGE, cfg.judge, stats, shard),
+            *(actual(cfg, f"judge:{n}", JUDGE, judges[n], s, shard) for n, s in extra.items()),
+            actual(cfg, "judge:agreement", JUDGE, again, agree_stats, shard),
+        ],
     }
 
 
@@ -261,6 +281,30 @@ def plan(cfg: CptConfig) -> dict[str, Any]:
     return out
 
 
+def estimate(cfg: CptConfig) -> list[Phase]:
+    """The students' responses, then every judge's judgements of them (upper bounds:
+    truncated responses may be skipped); the same grids `run` builds."""
+    tasks = config_tasks(cfg)
+    words = " ".join(["word"] * cfg.teacher.sampling.max_new_tokens)
+    sysprompts = {(c.rubric, c.level): [words] for c in conditions(cfg)}
+    models = ("base", "cpt") if cfg.evaluate.baseline else ("cpt",)
+    responses = response_grid(cfg, tasks, sysprompts, "", models)
+    judge_rows = _judge_rows(cfg, tasks, fake_responses(responses, cfg.student), None)
+    judges = panel(cfg)
+    again = agreement_rows(cfg, judge_rows)
+    shard = cfg.evaluate.shard_size
+    return [
+        phase_estimate(cfg, "student", GENERATE, cfg.student, responses, shard),
+        phase_estimate(cfg, "judge", JUDGE, cfg.judge, judge_rows, shard),
+        *(
+            phase_estimate(cfg, f"judge:{n}", JUDGE, j, judge_rows, shard)
+            for n, j in judges.items()
+            if n != cfg.judge.name
+        ),
+        phase_estimate(cfg, "judge:agreement", JUDGE, cfg.judge, again, shard),
+    ]
+
+
 def skip(cfg: CptConfig) -> tuple[str, ...]:
     """An external CPT model (`evaluate.tuned`) needs no train stage."""
     return ("train",) if cfg.evaluate.tuned else ()
@@ -275,4 +319,5 @@ SPEC = StageSpec(
     per_student=True,
     skip=skip,
     runs=("student", "judge"),  # one after the other: the job is sized for the larger
+    estimate=estimate,
 )

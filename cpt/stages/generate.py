@@ -13,14 +13,9 @@ from cpt.config import CptConfig
 from cpt.generation import GenerateFactory, run_rows
 from cpt.graph import StageContext, StageSpec
 from cpt.parallel import n_shards
-from cpt.prompts import (
-    conditions,
-    conditions_fingerprint,
-    generation_rows,
-    teacher_messages,
-    teacher_no_rubric_messages,
-)
-from cpt.rows import work_row
+from cpt.prompts import conditions_fingerprint, generation_rows
+from cpt.workload import GENERATE, Phase, actual, config_tasks, teacher_grid
+from cpt.workload import estimate as phase_estimate
 
 
 def params(cfg: CptConfig) -> dict[str, Any]:
@@ -40,46 +35,10 @@ def params(cfg: CptConfig) -> dict[str, Any]:
     }
 
 
-def work_grid(cfg: CptConfig, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One work row per (task, condition that applies to it, sample), then the task's
-    no-rubric baseline rows (rubric and level empty)."""
-    conds = conditions(cfg)
-    rows = []
-    for task in tasks:
-        variants = [
-            (
-                c.rubric,
-                c.level,
-                "rubric",
-                teacher_messages(cfg.prompts, cfg.levels, c, task["text"]),
-            )
-            for c in conds
-            if c.applies_to(task["genre"])
-        ]
-        if cfg.generate.no_rubric:
-            msgs = teacher_no_rubric_messages(cfg.prompts, task["text"])
-            variants.append(("", "", "no_rubric", msgs))
-        for rubric, level, kind, msgs in variants:
-            for s in range(cfg.generate.samples):
-                rows.append(
-                    work_row(
-                        store.content_hash(["gen", task["id"], rubric, level, s]),
-                        msgs,
-                        cfg.seed,
-                        task_id=task["id"],
-                        rubric=rubric,
-                        level=level,
-                        sample_idx=s,
-                        kind=kind,
-                    )
-                )
-    return rows
-
-
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     tasks = store.read_table(ctx.inputs["tasks"]).to_pylist()
-    rows = work_grid(cfg, tasks)
+    rows = teacher_grid(cfg, tasks)
     stats = run_rows(
         rows,
         ctx.out_dir,
@@ -91,7 +50,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         label="generate",
         warm=ctx.warm,
     )
-    return stats.as_dict()
+    return {
+        **stats.as_dict(),
+        "phases": [actual(cfg, "teacher", GENERATE, cfg.teacher, stats, cfg.generate.shard_size)],
+    }
 
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
@@ -101,4 +63,10 @@ def plan(cfg: CptConfig) -> dict[str, Any]:
     return {"rows<=": n, "shards<=": n_shards(n, cfg.generate.shard_size)}
 
 
-SPEC = StageSpec("generate", ("tasks",), params, run, plan, runs=("teacher",))
+def estimate(cfg: CptConfig) -> list[Phase]:
+    rows = teacher_grid(cfg, config_tasks(cfg))
+    shard = cfg.generate.shard_size
+    return [phase_estimate(cfg, "teacher", GENERATE, cfg.teacher, rows, shard)]
+
+
+SPEC = StageSpec("generate", ("tasks",), params, run, plan, runs=("teacher",), estimate=estimate)

@@ -328,6 +328,14 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         else "_No LLM-judged rubric with a program judge._",
         "",
         *sections,
+        "## Planner: predicted vs actual per stage",
+        "",
+        "Predicted at launch from the throughput learnt from finished stages (`plan=true`, "
+        "`cpt/planner.py`); actual as measured. Completion tokens are the models' output "
+        "tokens (training: sequence tokens).",
+        "",
+        planner_markdown(run_dir),
+        "",
         "## Stage manifests",
         "",
         *[
@@ -352,6 +360,33 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
         "generation_failures": gen_failures,
         "truncated_responses": truncated,
     }
+
+
+def planner_markdown(run_dir: Path) -> str:
+    """Each finished stage's predicted and actual wall time and tokens (its manifest)."""
+    rows = []
+    for stage in STAGES:
+        for d in finished(run_dir, stage) if stage != SPEC.name else []:
+            m = store.read_json(d / "manifest.json")
+            act, pred = m.get("actual"), m.get("predicted") or {}
+            if act is None:
+                continue
+            p_s, a_s = pred.get("seconds"), act["seconds"]
+            err = f"{100 * (p_s - a_s) / a_s:+.0f} %" if p_s is not None and a_s else "-"
+            rows.append(
+                {
+                    "stage": str(d.relative_to(run_dir)),
+                    "predicted s": "-" if p_s is None else f"{p_s:.1f}",
+                    "actual s": f"{a_s:.1f}",
+                    "error": err,
+                    "predicted tokens": pred.get("completion_tokens", "-"),
+                    "actual tokens": act["completion_tokens"],
+                    "device": m.get("device", "?"),
+                }
+            )
+    if not rows:
+        return "_No stage of this run recorded a prediction._"
+    return report.frame_markdown(pd.DataFrame(rows))
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from cpt.graph import StageContext, StageSpec
 from cpt.parallel import n_shards
 from cpt.prompts import conditions, conditions_fingerprint, summarizer_messages
 from cpt.rows import work_row
+from cpt.workload import GENERATE, Phase, actual
+from cpt.workload import estimate as phase_estimate
 
 
 def params(cfg: CptConfig) -> dict[str, Any]:
@@ -29,8 +31,8 @@ def params(cfg: CptConfig) -> dict[str, Any]:
     }
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
-    cfg = ctx.cfg
+def work_grid(cfg: CptConfig) -> list[dict[str, Any]]:
+    """One summarizer request per (condition, paraphrase)."""
     rows = []
     for cond in conditions(cfg):
         for k in range(cfg.sysprompts.paraphrases):
@@ -45,6 +47,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
                     paraphrase=k,
                 )
             )
+    return rows
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg = ctx.cfg
+    rows = work_grid(cfg)
     stats = run_rows(
         rows,
         ctx.out_dir,
@@ -56,7 +64,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         label="sysprompts",
         warm=ctx.warm,
     )
-    return stats.as_dict()
+    return {
+        **stats.as_dict(),
+        "phases": [actual(cfg, "teacher", GENERATE, cfg.teacher, stats, cfg.sysprompts.shard_size)],
+    }
 
 
 def plan(cfg: CptConfig) -> dict[str, Any]:
@@ -64,4 +75,9 @@ def plan(cfg: CptConfig) -> dict[str, Any]:
     return {"rows": n, "shards": n_shards(n, cfg.sysprompts.shard_size)}
 
 
-SPEC = StageSpec("sysprompts", (), params, run, plan, runs=("teacher",))
+def estimate(cfg: CptConfig) -> list[Phase]:
+    shard = cfg.sysprompts.shard_size
+    return [phase_estimate(cfg, "teacher", GENERATE, cfg.teacher, work_grid(cfg), shard)]
+
+
+SPEC = StageSpec("sysprompts", (), params, run, plan, runs=("teacher",), estimate=estimate)

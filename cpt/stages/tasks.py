@@ -13,7 +13,8 @@ import pyarrow as pa
 from cpt import store
 from cpt.config import CptConfig, resolve_path
 from cpt.graph import StageContext, StageSpec
-from cpt.tasks import SHIPPED_PATH, Task, TaskSource, load_tasks
+from cpt.tasks import SHIPPED_PATH, TaskSource, split_tasks
+from cpt.workload import load_config_tasks
 
 
 def _source_fingerprint(src: TaskSource) -> str:
@@ -31,25 +32,8 @@ def params(cfg: CptConfig) -> dict[str, Any]:
     }
 
 
-def split_tasks(tasks: list[Task], test_fraction: float, seed: int) -> dict[str, str]:
-    """task_id -> "train" | "test": a seeded, order-independent split by task."""
-    order = sorted(tasks, key=lambda t: store.content_hash([seed, t.task_id]))
-    n_test = round(len(tasks) * test_fraction)
-    if len(tasks) >= 2:
-        n_test = min(max(n_test, 1), len(tasks) - 1)  # both splits non-empty
-    return {t.task_id: ("test" if i < n_test else "train") for i, t in enumerate(order)}
-
-
-def load(cfg: CptConfig) -> list[Task]:
-    sources = [
-        TaskSource(**{**vars(s), "path": str(resolve_path(s.path)) if s.path else ""})
-        for s in cfg.tasks.sources
-    ]
-    return load_tasks(sources, num_tasks=cfg.tasks.num_tasks, seed=cfg.seed)
-
-
 def run(ctx: StageContext) -> dict[str, Any]:
-    tasks = load(ctx.cfg)
+    tasks = load_config_tasks(ctx.cfg)
     split = split_tasks(tasks, ctx.cfg.tasks.test_fraction, ctx.cfg.seed)
     table = pa.table(
         {
