@@ -192,7 +192,7 @@ def main(ns: argparse.Namespace) -> dict[str, Any]:
         "tok/s = completion tokens / wall seconds of the worker calls (one per shard of 32 rows), "
         "engine load excluded; the prefix cache is emptied before each workload",
         "prefill tok computed = prompt tokens - prompt tokens vLLM served from its prefix cache "
-        "(`num_cached_tokens`, the figure the stages sum into `prefix_cache_hit_rate`)",
+        "(`num_cached_tokens`, the figure the stages sum into `prefix_cache.hit_rate`)",
         "same rows on every side: the same tasks, conditions and ids; the judge grades the same "
         "fixed responses; the teacher's prompt text differs only by the layout",
         "the judge's prompt tokens count every attempt (repairs included), as its stage does",

@@ -204,7 +204,7 @@ class EngineConfig:
         reuses it for later prompts that start the same way (`enable_prefix_caching`), and
         each engine call submits its requests sorted by prompt so that those sharing a prefix
         run together; results keep the rows' order. The hit rate is in each stage's manifest
-        (`prefix_cache_hit_rate`). No effect on the hf and openai engines.
+        (`prefix_cache.hit_rate`). No effect on the hf and openai engines.
     """
 
     kind: EngineKind = EngineKind.hf

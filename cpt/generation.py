@@ -205,22 +205,24 @@ def run_rows(
         part_rows=part_rows,
         warm=warm,
     )
-    if stats.cached_tokens is None:
-        stats.prefix_cache = no_hit_rate(model, engine)
-    elif not engine.prefix_caching and (model.engine or engine.kind) in (EngineKind.vllm, "vllm"):
-        stats.prefix_cache = "off (engine.prefix_caching=false)"
+    stats.prefix_cache = prefix_cache(stats, model, engine)
     return stats
 
 
-def no_hit_rate(model: ModelConfig, engine: EngineConfig) -> str:
-    """Why a stage run by this model has no prefix-cache hit rate."""
+def prefix_cache(stats: RunStats, model: ModelConfig, engine: EngineConfig) -> dict[str, Any]:
+    """The manifest's `prefix_cache`: `hit_rate`, the share of prompt tokens the engine served
+    from its prefix cache (None when it keeps or reports none, with `why`)."""
     from cpt.config import ModelKind
 
     kind = getattr(model.engine or engine.kind, "value", model.engine or engine.kind)
+    why = ""
     if ModelKind(model.kind) is ModelKind.program:
-        return "none: a program judge runs no model"
-    return {
-        "hf": "none: the hf engine keeps no prefix cache (engine=vllm has one)",
-        "openai": "none: the server reported no cached tokens "
-        "(vllm serve reports them with --enable-prompt-tokens-details)",
-    }.get(kind, "none: no shard recorded cached tokens")
+        why = "a program judge runs no model"
+    elif kind == "hf":
+        why = "the hf engine keeps no prefix cache (engine=vllm has one)"
+    elif kind == "openai" and not stats.cached_tokens:
+        why = "the server reported no cached tokens (vllm serve: --enable-prompt-tokens-details)"
+    if why or not stats.prompt_tokens:
+        return {"hit_rate": None, "why": why or "no prompt tokens"}
+    rate = {"hit_rate": round(stats.cached_tokens / stats.prompt_tokens, 4)}
+    return rate if engine.prefix_caching else {**rate, "why": "off (engine.prefix_caching=false)"}

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +70,11 @@ class RunStats:
     rows_reused: int = 0  # rows of interrupted shards kept from their part-files
     prompt_tokens: int = 0
     shard_seconds: float = 0.0  # the shards' own times: `seconds` less engine start-up
-    cached_tokens: int | None = None  # of prompt_tokens, from a prefix cache; None: not known
-    prefix_cache: str = ""  # why there is no hit rate, or that the cache was off
+    cached_tokens: int = 0  # of prompt_tokens, served from a prefix cache (row column dropped)
+    prefix_cache: dict[str, Any] = field(default_factory=dict)  # hit_rate (generation.run_rows)
 
     def as_dict(self) -> dict[str, Any]:
-        """The stats as the manifest keeps them, with `prefix_cache_hit_rate`: the share of
-        prompt tokens the engine served from its prefix cache (None: not reported)."""
-        known = self.cached_tokens is not None and self.prompt_tokens > 0
-        rate = round(self.cached_tokens / self.prompt_tokens, 4) if known else None
-        return {**vars(self), "prefix_cache_hit_rate": rate}
+        return dict(vars(self))
 
 
 def plan_shards(ids: Sequence[str], shard_size: int) -> list[list[int]]:
@@ -108,17 +104,14 @@ def _table(rows: list[Row]) -> pa.Table:
 
 
 def write_rows(out_dir: Path, index: int, rows: list[Row], stats: dict[str, Any]) -> dict:
-    """One shard from output rows (the first key of each row must be `id`). A row's
-    `cached_tokens` (prompt tokens served from a prefix cache) is summed into the receipt and
-    not stored: it says how the row was computed, not what it is, and varies run to run."""
+    """One shard from output rows (the first key of each row must be `id`)."""
     stats = {
         **stats,
         "tokens": sum(int(r.get("completion_tokens", 0) or 0) for r in rows),
         "prompt_tokens": sum(int(r.get("prompt_tokens", 0) or 0) for r in rows),
         "failures": sum(1 for r in rows if r.get("ok") is False),
-        "cached_tokens": _sum_known(r.get("cached_tokens") for r in rows),
+        "cached_tokens": sum(int(r.pop("cached_tokens", 0) or 0) for r in rows),  # how, not what
     }
-    rows = [{k: v for k, v in r.items() if k != "cached_tokens"} for r in rows]
     return store.write_shard(out_dir, index, _table(rows), stats)
 
 
@@ -299,14 +292,8 @@ def run_sharded(
         rows_reused=reused,
         prompt_tokens=sum(r.get("prompt_tokens", 0) for r in receipts),
         shard_seconds=round(sum(r.get("seconds", 0.0) for r in receipts), 3),
-        cached_tokens=_sum_known(r.get("cached_tokens") for r in receipts),
+        cached_tokens=sum(r.get("cached_tokens", 0) for r in receipts),
     )
-
-
-def _sum_known(values) -> int | None:
-    """The sum of the values that are not None; None if every one is."""
-    known = [v for v in values if v is not None]
-    return sum(known) if known else None
 
 
 def _run_inline(
