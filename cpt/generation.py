@@ -55,9 +55,10 @@ def engine_identity(model: ModelConfig, engine: EngineConfig) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class GenerateFactory:
-    """Builds a worker that runs each row's chat through `model` and keeps the metadata.
-    Reusable (`cpt.warm`): `load` builds the engine, `bind` the worker around it."""
+class _EngineFactory:
+    """A worker factory over one model's engine, reusable (`cpt.warm`): `load` builds the
+    engine, `bind` (in each subclass) the worker around it; one identity per model+engine,
+    so a teacher's engine can serve a judge of the same model."""
 
     model: ModelConfig
     engine: EngineConfig
@@ -73,6 +74,14 @@ class GenerateFactory:
         from cpt.engines import build_engine
 
         return build_engine(self.model, self.engine)
+
+    def bind(self, engine: Engine) -> Callable[[list[Row]], list[Row]]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class GenerateFactory(_EngineFactory):
+    """Builds a worker that runs each row's chat through `model` and keeps the metadata."""
 
     def bind(self, engine: Engine) -> Callable[[list[Row]], list[Row]]:
         model = self.model
@@ -108,26 +117,11 @@ class GenerateFactory:
 
 
 @dataclass(frozen=True)
-class JudgeFactory:
-    """Builds a worker that judges rows (`messages` = the judge prompt) with retries.
-    Reusable (`cpt.warm`) like `GenerateFactory`, and with the same identity for one model."""
+class JudgeFactory(_EngineFactory):
+    """Builds a worker that judges rows (`messages` = the judge prompt) with retries."""
 
-    model: ModelConfig
-    engine: EngineConfig
     repair_template: str
     max_attempts: int
-
-    def __call__(self) -> EngineWorker:
-        engine = self.load()
-        return EngineWorker(engine, self.bind(engine))
-
-    def warm_identity(self) -> dict[str, Any]:
-        return engine_identity(self.model, self.engine)
-
-    def load(self) -> Engine:
-        from cpt.engines import build_engine
-
-        return build_engine(self.model, self.engine)
 
     def bind(self, engine: Engine) -> Callable[[list[Row]], list[Row]]:
         from cpt.judge import JudgeItem, judge_all
