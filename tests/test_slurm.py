@@ -24,7 +24,7 @@ from cpt import slurm, store
 from cpt.config import resolve_recipe
 from cpt.graph import format_work
 from cpt.pipeline import resolve, stage_dir, stage_specs
-from cpt.stages import generate as generate_stage
+from cpt.workload import teacher_grid
 
 START_SCRIPT = REPO.parent / "shared" / "slurm-ci" / "start-slurm.sh"
 
@@ -397,7 +397,7 @@ def test_requeue_by_usr2_mid_generation_resumes_exactly_once(tmp_path):
     assert all(after[k] == v for k, v in before.items())  # finished shards not recomputed
     got = ids(gen)
     tasks = store.read_table(stage_dir(cfg, "tasks")).to_pylist()
-    grid = sorted(row["id"] for row in generate_stage.work_grid(cfg, tasks))
+    grid = sorted(row["id"] for row in teacher_grid(cfg, tasks))
     assert got == grid and len(set(got)) == len(got) == m["rows"] == 24  # exactly once
     text = log_err.read_text(errors="replace")
     assert "signal received; requeueing" in text and "Slurm restart count 1" in text
