@@ -1,7 +1,7 @@
 """bench_prefix: prefix-cache-aware generation on vs off, same rows, real model, vLLM.
 
 Two workloads, built and run as the stages build and run them: `generate` (the teacher phi
-over tasks x rubrics x levels plus the no-rubric baseline: `cpt.stages.generate.work_grid`,
+over tasks x rubrics x levels plus the no-rubric baseline: `cpt.workload.teacher_grid`,
 `GenerateFactory` workers) and `adherence` (the judge over fixed responses, the same text
 on every side: `cpt.stages.adherence.work_grid`, `JudgeFactory` workers with their retries),
 one engine call per shard as in the stages. Sides:
@@ -86,12 +86,12 @@ def run_side(ns: argparse.Namespace) -> dict[str, Any]:
     from cpt.engines import Request, Sampling
     from cpt.generation import GenerateFactory
     from cpt.parallel import plan_shards
-    from cpt.stages import adherence, generate
-    from cpt.stages.tasks import load
+    from cpt.stages import adherence
+    from cpt.workload import load_config_tasks, teacher_grid
 
     cfg = compose(*overrides(ns, ns.side))
-    tasks = [{"id": t.task_id, "text": t.text, "genre": t.genre} for t in load(cfg)]
-    gen_rows = generate.work_grid(cfg, tasks)
+    tasks = [{"id": t.task_id, "text": t.text, "genre": t.genre} for t in load_config_tasks(cfg)]
+    gen_rows = teacher_grid(cfg, tasks)
     task_text = {t["id"]: t["text"] for t in tasks}
     judge_rows = adherence.work_grid(cfg, task_text, responses(gen_rows), NONCE_KEY)
     t0 = time.perf_counter()
