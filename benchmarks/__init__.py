@@ -39,6 +39,15 @@ def compose(*overrides: str):
         return to_config(hydra_compose(config_name="config", overrides=list(overrides)))
 
 
+def load_avg() -> str:
+    """The 1, 5 and 15 min load averages, printed beside every timing (a busy box explains
+    a slow figure)."""
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def machine() -> dict[str, Any]:
     """Where the numbers were taken: CPUs, platform, Python, package versions, commit, date."""
     from cpt import store
@@ -47,15 +56,11 @@ def machine() -> dict[str, Any]:
         cpus_usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus_usable = os.cpu_count()
-    try:
-        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        load = "n/a"
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "cpu_count": os.cpu_count(),
         "cpus_usable": cpus_usable,
-        "load_avg_1_5_15": load,  # a shared machine: other jobs slow every path alike
+        "load_avg_1_5_15": load_avg(),  # a shared machine: other jobs slow every path alike
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "python": sys.version.split()[0],

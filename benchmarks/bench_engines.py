@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/...` works too
 
-from benchmarks import finish, md_table
+from benchmarks import finish, load_avg, md_table
 from cpt.config import DType, EngineConfig, EngineKind, ModelConfig
 from cpt.engines import Request, Sampling, build_engine
 
@@ -184,7 +184,7 @@ def main(ns: argparse.Namespace) -> dict[str, Any]:
     device = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
     threads = "n/a" if cuda else str(ns.threads)
     header = [
-        f"device={device}  torch_threads={threads}  load_avg={_load()}  model={ns.model}  "
+        f"device={device}  torch_threads={threads}  load_avg={load_avg()}  model={ns.model}  "
         f"dtype={dtype}  rows={len(reqs)}  max_new_tokens={max_new} (greedy)  "
         f"hf_batch={ns.batch_size}  repeats={repeats} (median)",
     ]
@@ -210,7 +210,7 @@ def main(ns: argparse.Namespace) -> dict[str, Any]:
             f"real model: {REAL_MODEL}  dtype={dtype}  rows={len(real_reqs)}  prompts >= "
             f"{shortest} tokens  max_new_tokens={ns.real_max_new_tokens} (temperature 0.7, "
             f"seed per request)  hf_batch={ns.batch_size}  repeats={ns.real_repeats}  "
-            f"load_avg={_load()}"
+            f"load_avg={load_avg()}"
         )
         tables.append(table(real, len(real_reqs)))
         notes.append(
@@ -239,13 +239,6 @@ def main(ns: argparse.Namespace) -> dict[str, Any]:
         "errors": errors,
         "ok": not errors and all(t["met"] for t in targets),
     }
-
-
-def _load() -> str:
-    try:
-        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import REPO, compose, finish, md_table
+from benchmarks import REPO, compose, finish, load_avg, md_table
 
 SIDES = {
     "off": ("prompts.prefix_layout=false", "engine.prefix_caching=false"),
@@ -171,7 +171,7 @@ def main(ns: argparse.Namespace) -> dict[str, Any]:
     header = [
         f"model={ns.model}  engine=vllm (cpu={not _cuda()})  rubrics=tiny (2)  tasks={ns.tasks}  "
         f"levels=3  teacher max_new_tokens={ns.gen_tokens}  judge max_new_tokens="
-        f"{ns.judge_tokens}  shard_size=32  load_avg={_load()}",
+        f"{ns.judge_tokens}  shard_size=32  load_avg={load_avg()}",
     ]
     tables, targets, figures = [], [], {}
     if "off" in runs and "on" in runs:
@@ -214,13 +214,6 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _load() -> str:
-    try:
-        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 if __name__ == "__main__":
