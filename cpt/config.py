@@ -886,10 +886,11 @@ def trains_on_gpu(cfg: CptConfig) -> tuple[bool, str]:
     if cfg.cluster.name != "local":
         gpus = cfg.cluster.gpus_per_node
         return gpus > 0, f"cluster profile {cfg.cluster.name!r} gives {gpus} GPU(s) per job"
-    import torch
+    from cpt.gpus import gpu_name
 
-    if torch.cuda.is_available():
-        return True, f"CUDA GPU found ({torch.cuda.get_device_name(0)})"
+    name = gpu_name()
+    if name is not None:
+        return True, f"CUDA GPU found ({name})"
     return False, "no CUDA GPU on this machine"
 
 

@@ -209,6 +209,7 @@ def judge_grid(
     meta: Callable[[dict], dict],
     nonce_key: bytes | None = None,
     judge_truncated: bool = False,
+    cut_to_fit: bool = True,
 ) -> list[dict]:
     """Judge work rows: one per (response, rubric part), the prompt holding the full rubric,
     the task and the response between delimiters tagged with a nonce (column `nonce`) that
@@ -221,7 +222,9 @@ def judge_grid(
     a failed generation, a response or task holding either nonce, or (unless
     `judge_truncated`) a response cut at its generator's max_new_tokens (column `truncated`:
     never judged as if complete, counted apart as `TRUNCATED`). Column
-    `response_truncated` marks responses cut to fit the judge's context."""
+    `response_truncated` marks responses cut to fit the judge's context (`cut_to_fit`;
+    False for grids that are counted, never sent: the planner's estimate of stand-in
+    responses, which would otherwise load the judge's tokenizer at every launch)."""
     from cpt.prompts import judge_messages, load_selected_rubrics
     from cpt.store import content_hash
 
@@ -241,7 +244,9 @@ def judge_grid(
             messages_for = functools.partial(
                 judge_messages, cfg.prompts, rubric, task, nonce=nonce, task_nonce=task_nonce
             )
-            response, cut = fitter.fit(messages_for, g["text"] or "", (part_rubric, g["task_id"]))
+            response, cut = g["text"] or "", False
+            if cut_to_fit:
+                response, cut = fitter.fit(messages_for, response, (part_rubric, g["task_id"]))
             not_judged = ""
             if g.get("ok") is False:
                 not_judged = "generation failed: not judged"

@@ -48,9 +48,9 @@ def device(cfg: CptConfig) -> str:
     c = cfg.cluster
     if c.name != "local":
         return f"slurm:{c.name}" + (f":{c.constraint}" if c.constraint else "")
-    import torch
+    from cpt.gpus import gpu_name
 
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return gpu_name() or "cpu"
 
 
 def table_path(cfg: CptConfig) -> Path:

@@ -14,12 +14,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from typing import Any
 
 from cpt import store
+from cpt.gpus import machine_gpus
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +56,6 @@ def init_ray(address: str = "", num_cpus: int = 0) -> None:
         # they got ~1/28 of a CPU against any busy process (a real-model stage: 30 min, not 2)
         os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(**kwargs)
-
-
-def machine_gpus() -> int:
-    """GPUs this process may use: `CUDA_VISIBLE_DEVICES` if set, else what `nvidia-smi -L` lists."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
 def gpu_capacity(address: str = "") -> tuple[int, str]:

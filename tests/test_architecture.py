@@ -157,3 +157,39 @@ def test_one_key_and_one_done_check_per_stage_per_launch(tmp_path, counted, caps
     pipeline.run(compose(*over, "stage=tasks"))  # done now: skipped, nothing re-checked
     assert keys == Counter(dict.fromkeys(names, 1))
     assert done == Counter(dict.fromkeys(folders, 1))
+
+
+MODEL_LIBS = ("torch", "transformers", "vllm", "ray", "gguf")
+HEAVY = (*MODEL_LIBS, "pandas", "scipy", "matplotlib")
+PROBE = """
+import atexit, runpy, sys
+atexit.register(lambda: print("HEAVY=" + ",".join(m for m in {heavy!r} if m in sys.modules)))
+sys.argv = ["jobs/launch.py", *{args!r}]
+runpy.run_path("jobs/launch.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "heavy"),
+    [
+        (["plan=true"], HEAVY),  # the default: the real model (a GGUF file), train=auto, vLLM
+        (["plan=true", "cluster=ci"], HEAVY),  # the Slurm plan: jobs, GPU-hours
+        (["stage=status"], HEAVY),
+        (["stage=tasks"], MODEL_LIBS),  # a stage without a model (its tables: pandas)
+    ],
+    ids=["plan", "plan-slurm", "status", "tasks"],
+)
+def test_a_launch_imports_no_model_library_before_a_stage_needs_one(tmp_path, args, heavy):
+    """torch, transformers and pandas cost a launch ~10 s before any stage ran (the GGUF
+    cache key, train=auto's GPU check, the planner's judge tokenizer, the report module):
+    outside-stage time of every run and every Slurm stage job. Only stages load them."""
+    import subprocess
+    import sys
+
+    code = PROBE.format(heavy=heavy, args=[f"run_dir={tmp_path / 'run'}", *args])
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    heavy = proc.stdout.strip().splitlines()[-1]
+    assert heavy == "HEAVY=", f"{' '.join(args)} imported {heavy.removeprefix('HEAVY=')}"

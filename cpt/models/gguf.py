@@ -66,16 +66,9 @@ def converted_dir(sha256: str, name: str, locate: Callable[[], Path]) -> Path:
 
 def converted_target(sha256: str, name: str) -> Path:
     """Where the conversion of that file lives: keyed by its sha256 and the library versions
-    that shape the converted files."""
-    import gguf
-    import torch
-    import transformers
-
-    versions = {
-        "transformers": transformers.__version__,
-        "gguf": getattr(gguf, "__version__", "") or _dist_version("gguf"),
-        "torch": torch.__version__,
-    }
+    that shape the converted files (read from package metadata: importing torch and
+    transformers here would cost every launch seconds before anything runs)."""
+    versions = {name: _dist_version(name) for name in ("transformers", "gguf", "torch")}
     key = content_hash({"v": CONVERTER_VERSION, "sha256": sha256, **versions}, 12)
     return cache_root() / f"gguf-{Path(name).stem}-{key}"
 

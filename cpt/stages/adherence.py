@@ -40,7 +40,11 @@ def judge_factory(cfg: CptConfig, judging: JudgingConfig) -> JudgeFactory:
 
 
 def work_grid(
-    cfg: CptConfig, tasks: dict[str, str], gens: list[dict], nonce_key: bytes | None = None
+    cfg: CptConfig,
+    tasks: dict[str, str],
+    gens: list[dict],
+    nonce_key: bytes | None = None,
+    cut_to_fit: bool = True,
 ) -> list[dict]:
     singles = cfg.rubrics.include or sorted(r.name for r in load_selected_rubrics(cfg))
 
@@ -51,7 +55,7 @@ def work_grid(
 
     meta = lambda g: {"kind": g["kind"]}  # noqa: E731
     return judge_grid(
-        cfg, tasks, gens, "adh", parts, meta, nonce_key, cfg.adherence.judge_truncated
+        cfg, tasks, gens, "adh", parts, meta, nonce_key, cfg.adherence.judge_truncated, cut_to_fit
     )
 
 
@@ -149,7 +153,7 @@ def estimate(cfg: CptConfig) -> list[Phase]:
     """Every generation judged (an upper bound: truncated ones may be skipped)."""
     tasks = config_tasks(cfg)
     gens = fake_responses(teacher_grid(cfg, tasks), cfg.teacher)
-    rows = work_grid(cfg, {t["id"]: t["text"] for t in tasks}, gens)
+    rows = work_grid(cfg, {t["id"]: t["text"] for t in tasks}, gens, cut_to_fit=False)
     return [phase_estimate(cfg, "judge", JUDGE, cfg.judge, rows, cfg.adherence.shard_size)]
 
 

@@ -153,7 +153,13 @@ def _judge(ctx: StageContext, judge: ModelConfig, rows: list[dict], out_dir: Pat
     )
 
 
-def _judge_rows(cfg: CptConfig, tasks: list[dict], responses: list[dict], key: bytes | None):
+def _judge_rows(
+    cfg: CptConfig,
+    tasks: list[dict],
+    responses: list[dict],
+    key: bytes | None,
+    cut_to_fit: bool = True,
+):
     return judge_grid(
         cfg,
         {t["id"]: t["text"] for t in tasks},
@@ -168,6 +174,7 @@ def _judge_rows(cfg: CptConfig, tasks: list[dict], responses: list[dict], key: b
         },
         key,
         cfg.evaluate.judge_truncated,
+        cut_to_fit,
     )
 
 
@@ -289,7 +296,8 @@ def estimate(cfg: CptConfig) -> list[Phase]:
     sysprompts = {(c.rubric, c.level): [words] for c in conditions(cfg)}
     models = ("base", "cpt") if cfg.evaluate.baseline else ("cpt",)
     responses = response_grid(cfg, tasks, sysprompts, "", models)
-    judge_rows = _judge_rows(cfg, tasks, fake_responses(responses, cfg.student), None)
+    stand_ins = fake_responses(responses, cfg.student)
+    judge_rows = _judge_rows(cfg, tasks, stand_ins, None, cut_to_fit=False)
     judges = panel(cfg)
     again = agreement_rows(cfg, judge_rows)
     shard = cfg.evaluate.shard_size

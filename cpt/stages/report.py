@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
-from cpt import calibration, metrics, report, store
-from cpt import plots as plots_mod
+from cpt import store
 from cpt.config import CptConfig
 from cpt.graph import StageContext, StageSpec
-from cpt.judge import TRUNCATED
 from cpt.stages import STAGES
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# pandas, scipy and matplotlib are imported where a report is rendered, not here: every
+# launch imports this module for its SPEC, and those imports cost seconds.
 
 
 def params(cfg: CptConfig) -> dict[str, Any]:
@@ -50,11 +52,17 @@ def _student_info(d: Path, m: dict[str, Any]) -> dict[str, Any]:
 
 def _not_truncated(rows: pd.DataFrame) -> pd.DataFrame:
     """Responses cut at max_new_tokens were not judged: they stay out of the metrics."""
+    from cpt.judge import TRUNCATED
+
     return rows[rows["error"] != TRUNCATED] if "error" in rows else rows
 
 
 def _judged(d: Path, m: dict[str, Any], info: dict[str, Any]) -> pd.DataFrame:
     """Every judgement of one evaluation: the main judge's, then each panel judge's."""
+    import pandas as pd
+
+    from cpt import report
+
     main = _not_truncated(store.read_table(d).to_pandas())
     frames = [report.judged_frame(main, info["judges"][0])]
     for name, meta in m.get("panel", {}).items():
@@ -65,6 +73,12 @@ def _judged(d: Path, m: dict[str, Any], info: dict[str, Any]) -> pd.DataFrame:
 
 def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
     """Write report.md, metrics.json and plots under `out`; returns the metrics."""
+    import pandas as pd
+
+    from cpt import calibration, metrics, report
+    from cpt import plots as plots_mod
+    from cpt.judge import TRUNCATED
+
     run_dir = Path(cfg.run_dir).absolute()
     scale = cfg.levels.scale
     frames, infos, agreements, gen_failures, calibrations = [], {}, {}, {}, []
@@ -364,6 +378,10 @@ def render(cfg: CptConfig, out: Path) -> dict[str, Any]:
 
 def planner_markdown(run_dir: Path) -> str:
     """Each finished stage's predicted and actual wall time and tokens (its manifest)."""
+    import pandas as pd
+
+    from cpt import report
+
     rows = []
     for stage in STAGES:
         for d in finished(run_dir, stage) if stage != SPEC.name else []:
