@@ -76,6 +76,8 @@ def split(run_dir: Path, wall: float) -> dict[str, Any]:
         run_dir.glob("*/manifest.json")
     ):
         m = json.loads(manifest.read_text())
+        if "stage" not in m:  # not a stage's: the shared reference table (reflogps/<key>/)
+            continue
         folder, name = manifest.parent, m["stage"]
         if name == "train":
             summary = folder / "train_summary.json"

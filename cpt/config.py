@@ -593,6 +593,9 @@ QUANTIZATIONS = ("none", "4bit", "8bit")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+REF_TABLE_MODES = ("auto", "true", "false")  # train.ref_table
+
+
 @dataclass
 class TrainConfig:
     """DPO + LoRA training of one student. Defaults follow the paper's reference recipe
@@ -626,13 +629,17 @@ class TrainConfig:
 
         beta (`float`, defaults to `0.1`): DPO β, the strength of the pull towards the reference
             (paper; also TRL's default). Higher β = smaller deviation from the base.
-        ref_table (`bool`, defaults to `True`): read the reference log-probs from a shared table
+        ref_table (`str`, defaults to `auto`): read the reference log-probs from a shared table
             (`<run_dir>/reflogps/<student>-<key>/`, Parquet, `cpt.reftable`) instead of one
             adapter-disabled forward per step and evaluation: built once per (base model,
             weights, precision, token ids of the rows, max length) and reused by every run
-            that shares them (a `train.beta` sweep, seeds, learning rates). Same losses; the
-            train manifest's `ref_table` says whether it was computed or reused, and from
-            where. Overrides `precompute_ref_log_probs`.
+            that shares them (a `train.beta` sweep, seeds, learning rates). Same losses.
+            `true`: always (a sweep of short runs: the first builds it). `auto`: reuse a table
+            that exists; build one only when this run reads every training row (building
+            costs one forward per train and held-out row: a run of a few steps over many
+            rows pays less live). `false`: never. The train manifest's `ref_table` says
+            `computed`, `reused` or `live` (and why), and from where. Overrides
+            `precompute_ref_log_probs`.
         precompute_ref_log_probs (`bool`, defaults to `False`): without `ref_table`: compute the
             reference log-probs once before training (TRL, in memory, for this run only)
             instead of one adapter-disabled forward per step; faster for several epochs.
@@ -710,7 +717,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     save_steps: int = 50
     seed: int = 0
-    ref_table: bool = True
+    ref_table: str = "auto"
     precompute_ref_log_probs: bool = False
     logging_steps: int = 1
     gpus: int = 1
@@ -740,6 +747,11 @@ class TrainConfig:
             "log-probs from lm_head.weight directly, so its adapter would never train); remove it",
         )
         need(self.beta > 0, f"train.beta must be > 0, got {self.beta}")
+        self.ref_table = str(self.ref_table).lower()  # Hydra reads `true` as a bool
+        need(
+            self.ref_table in REF_TABLE_MODES,
+            f"train.ref_table must be one of {', '.join(REF_TABLE_MODES)}, got {self.ref_table!r}",
+        )
         need(
             self.max_steps == -1 or self.max_steps >= 1,
             f"train.max_steps must be -1 (use epochs) or >= 1, got {self.max_steps}",

@@ -26,7 +26,9 @@ A table whose checksum, key, columns or rows do not match is rebuilt, never read
 come from TRL's own per-batch reference function (`DPOTrainer.compute_ref_log_probs`, the one
 its `precompute_ref_log_probs` path runs) and, when built, are checked against a plain HF
 forward on a few rows. With several ranks every rank computes its share (the trainer's
-dataloader split, gathered), rank 0 alone writes.
+dataloader split, gathered), rank 0 alone writes. With `train.ref_table=auto` a run that
+reads only part of its training rows (a few steps) reads a table that exists but builds none
+(`rows_read`): the build's forward over every row would cost it more than it saves.
 """
 
 from __future__ import annotations
@@ -59,9 +61,11 @@ _NUMERIC_PACKAGES = ("torch", "transformers", "trl")  # their versions are in th
 class TableUse:
     """How a run got its reference log-probs (the train manifest's `ref_table`).
 
-    status: "computed" (this run built the table) or "reused" (read a table already built).
-    path / key: the table's folder and content key. waited_s: time spent waiting for another
-    process building the same table. check: the HF-forward comparison made when it was built.
+    status: "computed" (this run built the table), "reused" (read a table already built) or
+    "live" (`train.ref_table=auto` and a table would not pay: the reference forward ran in
+    the trainer, `why` says so). path / key: the table's folder and content key (for "live":
+    where it would be). waited_s: time spent waiting for another process building the same
+    table. check: the HF-forward comparison made when it was built.
     """
 
     status: str
@@ -71,6 +75,7 @@ class TableUse:
     seconds: float
     waited_s: float = 0.0
     check: dict[str, Any] | None = None
+    why: str = ""
 
 
 # ---------------------------------------------------------------------------- keys
@@ -168,8 +173,10 @@ def obtain(
     main: bool = True,
     agree: Callable[[bool], bool] = lambda have: have,
     expect: set[str] | None = None,
-) -> tuple[pa.Table, TableUse]:
-    """The table of `key`: read if `folder` holds it intact, else computed and written, once.
+    build: bool = True,
+) -> tuple[pa.Table | None, TableUse]:
+    """The table of `key`: read if `folder` holds it intact, else computed and written, once
+    (`build=False`: not built; None and a "live" use).
 
     compute: returns (table, meta); with several ranks every rank calls it (a collective).
     main: this process writes (rank 0). agree: rank 0's "have it" for every rank (a broadcast).
@@ -180,7 +187,7 @@ def obtain(
     waited = 0.0
     with contextlib.ExitStack() as stack:
         table = load_table(folder, key, expect) if main else None
-        if main and table is None:
+        if main and table is None and build:
             stack.enter_context(store.stage_lock(folder, wait=True))
             waited = time.perf_counter() - t0
             table = load_table(folder, key, expect)  # another process may have built it meanwhile
@@ -193,6 +200,8 @@ def obtain(
                 )
             seconds = time.perf_counter() - t0
             return table, TableUse("reused", str(folder), key, table.num_rows, seconds, waited)
+        if not build:
+            return None, TableUse("live", str(folder), key, 0, time.perf_counter() - t0)
         table, meta = compute()
         if main:
             write_table(folder, key, table, meta)
@@ -290,12 +299,32 @@ def _hf_check(trainer, dataset, chosen: list[float], rejected: list[float]) -> d
     return {"rows": min(CHECK_ROWS, len(dataset)), "max_abs_diff": worst, "fp32": fp32}
 
 
+def rows_read(trainer) -> tuple[int, int]:
+    """(training rows this run reads, rows in its training set): `max_steps` x the rows of one
+    optimizer step over all ranks, or every row for a run of epochs."""
+    args, n = trainer.args, len(trainer.train_dataset)
+    if args.max_steps <= 0:
+        return n, n
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    return min(n, args.max_steps * per_step * args.world_size), n
+
+
 def use_table(
-    trainer, tables_dir: Path, student: ModelConfig, quantization: str, model_path: str
+    trainer,
+    tables_dir: Path,
+    student: ModelConfig,
+    quantization: str,
+    model_path: str,
+    always: bool = True,
 ) -> TableUse:
     """Give `trainer` (a built `DPOTrainer`, LoRA, before `train()`) its reference log-probs
     from the shared table under `tables_dir`, building the table if needed; afterwards the
-    trainer reads them from its batches instead of running the reference forward."""
+    trainer reads them from its batches instead of running the reference forward.
+
+    always=False (`train.ref_table=auto`): a table that exists is read, but one is built only
+    when this run reads every training row; otherwise the trainer keeps its live reference
+    forward (status "live"): building costs one forward per train and held-out row, more than
+    a run of a few steps spends on its reference."""
     from accelerate.utils import broadcast_object_list
 
     model = {
@@ -337,7 +366,19 @@ def use_table(
         return bool(broadcast_object_list([have], from_process=0)[0])
 
     main = trainer.accelerator.is_main_process
-    table, use = obtain(folder, key, compute, main=main, agree=agree, expect=set(all_ids))
+    read, n_train = rows_read(trainer)
+    build = always or read >= n_train
+    table, use = obtain(
+        folder, key, compute, main=main, agree=agree, expect=set(all_ids), build=build
+    )
+    if table is None:
+        held = len(all_ids) - n_train
+        use.why = (
+            f"train.ref_table=auto: this run reads {read} of {n_train} training rows; a table "
+            f"costs a forward for each of them and the {held} held-out rows (true: build anyway)"
+        )
+        log.info("train: live reference forward (%s)", use.why)
+        return use
     lookup = dict(
         zip(
             table["id"].to_pylist(),

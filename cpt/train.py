@@ -321,7 +321,14 @@ def _trainer(run: _Run, timer: _StepTimer, callbacks: Sequence[TrainerCallback] 
         callbacks=[timer.callback(), *(callbacks or [])],
     )
     if run.ref_tables is not None:
-        use = use_table(trainer, run.ref_tables, run.student, run.cfg.quantization, run.model_path)
+        use = use_table(
+            trainer,
+            run.ref_tables,
+            run.student,
+            run.cfg.quantization,
+            run.model_path,
+            always=run.cfg.ref_table == "true",
+        )
         run.ref_table = dataclasses.asdict(use)
     console(trainer)
     return trainer
@@ -401,8 +408,8 @@ def train_dpo(
             single process if absent) and the gloo backend on CPU.
         use_cpu: force CPU (None = CPU when CUDA is absent). CPU runs in float32 (no bf16).
         callbacks: extra `transformers.TrainerCallback`s (tests use one to simulate a kill).
-        ref_tables: the folder of shared reference log-prob tables (`cpt.reftable`; used when
-            `cfg.ref_table`); None: the reference forward runs in this run (TRL).
+        ref_tables: the folder of shared reference log-prob tables (`cpt.reftable`; used as
+            `cfg.ref_table` says); None: the reference forward runs in this run (TRL).
 
     Raises:
         ValueError: rows without the required columns, or none fitting `max_prompt_length`.
@@ -411,7 +418,7 @@ def train_dpo(
     run = _setup(cfg, student, train_rows, Path(out_dir), eval_rows, deepspeed, use_cpu)
     if isinstance(run, TrainResult):  # finished already
         return run
-    run.ref_tables = Path(ref_tables) if ref_tables and cfg.ref_table else None
+    run.ref_tables = Path(ref_tables) if ref_tables and cfg.ref_table != "false" else None
     timer = _StepTimer()
     trainer = _trainer(run, timer, callbacks)
     if run.resume:

@@ -55,6 +55,7 @@ def config(**kw) -> TrainConfig:
         warmup_ratio=0.0,
         save_steps=4,
         seed=0,
+        ref_table="true",  # 4 steps of 2 read 8 of 12 rows: `auto` would not build (below)
     )
     return TrainConfig(**{**base, **kw})
 
@@ -112,6 +113,31 @@ def test_table_is_built_once_and_reused_with_the_same_losses(tiny, tmp_path, mon
     assert eval_b["eval"]["eval_loss"] == pytest.approx(eval_a["eval"]["eval_loss"], abs=1e-4)
     assert second.losses[0] == pytest.approx(live.losses[0], abs=1e-4)  # ln 2: policy == reference
     assert second.losses[1] != pytest.approx(first.losses[1], abs=1e-4)  # beta did change training
+
+
+def test_auto_builds_only_when_the_run_reads_every_row_but_reuses_any(tiny, tmp_path):
+    """`train.ref_table=auto` (the default): 4 steps of 2 rows read 8 of the 12 training rows,
+    so a table (12 + 4 forwards) would cost more than the live reference (8 + 4): not built,
+    and the manifest says why. A run of one epoch builds it; then the short run reads it."""
+    short = _built_key(tiny, tmp_path, config(ref_table="auto"))
+    assert short["status"] == "live" and "reads 8 of 12 training rows" in short["why"]
+    assert not (tmp_path / "reflogps").exists() or not list((tmp_path / "reflogps").iterdir())
+    epoch = _built_key(tiny, tmp_path, config(ref_table="auto", max_steps=-1, epochs=1.0))
+    assert epoch["status"] == "computed" and epoch["key"] == short["key"]
+    again = _built_key(tiny, tmp_path, config(ref_table="auto"))
+    assert again["status"] == "reused" and again["path"] == epoch["path"]
+
+
+@pytest.mark.parametrize("value", [True, "True", "auto", False, "false"])
+def test_ref_table_accepts_what_hydra_passes(value):
+    assert TrainConfig(ref_table=value).ref_table == str(value).lower()
+
+
+def test_ref_table_names_its_choices():
+    from cpt.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.ref_table must be one of auto, true, false"):
+        TrainConfig(ref_table="sometimes")
 
 
 def test_key_follows_the_tokens_not_the_recipe(tiny, tmp_path):
