@@ -62,7 +62,7 @@ def _stage_manifests(run_dir: Path, stage: str) -> list[tuple[str, dict]]:
 
 
 def plan_cost(run_dir: Path, overrides: list[str]) -> tuple[float, int]:
-    """Seconds of `pipeline.plan` in this process (compose, stage keys, graph walk) and how
+    """Seconds of `pipeline.resolve` in this process (compose, stage keys, graph walk) and how
     many YAML files it parsed: the bookkeeping every launch pays before and between stages."""
     import yaml
 
@@ -81,7 +81,7 @@ def plan_cost(run_dir: Path, overrides: list[str]) -> tuple[float, int]:
     yaml.safe_load = counting  # cpt.rubric calls yaml.safe_load through the module
     try:
         t = time.perf_counter()
-        pipeline.plan(cfg)
+        pipeline.resolve(cfg)
         return time.perf_counter() - t, parses
     finally:
         yaml.safe_load = safe_load
@@ -91,7 +91,7 @@ def main(
     quick: bool = False, extra: list[str] | None = None, all_stages: bool = False
 ) -> dict[str, Any]:
     from cpt.config import CptConfig
-    from cpt.pipeline import pipeline_order
+    from cpt.stages import STAGES
 
     has_train = "train" in {f.name for f in dataclasses.fields(CptConfig)}
     overrides = list(QUICK if quick else [])
@@ -121,7 +121,7 @@ def main(
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             errors.append(f"launch exited {proc.returncode}: {' / '.join(tail)}")
         rows = []
-        for stage in pipeline_order():
+        for stage in STAGES:
             for label, m in _stage_manifests(run_dir, stage):
                 rows.append(
                     [
@@ -133,7 +133,7 @@ def main(
                 )
         plan_s, parses = plan_cost(Path(tmp) / "plan", overrides)
         notes.append(
-            f"`pipeline.plan(cfg)` alone (compose done; stage keys + graph walk) takes {plan_s:.1f} s "
+            f"`pipeline.resolve(cfg)` alone (compose done; stage keys + graph walk) takes {plan_s:.1f} s "
             f"here and parses {parses} rubric YAML files: part of 'outside stages', paid again "
             "for every stage a launch runs"
         )

@@ -46,12 +46,28 @@ TOPICS = ("a lighthouse", "a late train", "a cat's opinion", "winter soup", "a b
 
 @dataclass(frozen=True)
 class Prebuilt:
-    """A factory that hands out an already-built worker (inline backend: no model load timed)."""
+    """A factory that hands out an already-built worker (inline backend: no model load timed).
+    The runner closes the workers of a run when it ends; this one serves every run, so each
+    gets a view of it whose `close` keeps it open."""
 
     worker: Any
 
     def __call__(self):
-        return self.worker
+        return _Kept(self.worker)
+
+
+class _Kept:
+    def __init__(self, worker: Any) -> None:
+        self._worker = worker
+
+    def __call__(self, rows):
+        return self._worker(rows)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._worker, name)
+
+    def close(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
 
 def factory(max_new_tokens: int):
