@@ -234,16 +234,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _gpu() -> str:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return out.stdout.strip().replace("\n", ", ") if out.returncode == 0 else ""
+    from cpt.gpus import driver_gpu_names
+
+    return ", ".join(driver_gpu_names())
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import subprocess
 
 
 @functools.lru_cache(maxsize=1)
-def _driver_gpu_names() -> tuple[str, ...]:
+def driver_gpu_names() -> tuple[str, ...]:
     """Every GPU the driver lists (empty without a driver or `nvidia-smi`)."""
     if shutil.which("nvidia-smi") is None:
         return ()
@@ -47,13 +47,13 @@ def _visible_ids() -> list[str] | None:
 
 def machine_gpus() -> int:
     """GPUs this process may use: those the driver lists, limited by `CUDA_VISIBLE_DEVICES`."""
-    names, ids = _driver_gpu_names(), _visible_ids()
+    names, ids = driver_gpu_names(), _visible_ids()
     return len(names) if ids is None else min(len(ids), len(names))
 
 
 def gpu_name() -> str | None:
     """The name of the first GPU this process sees (None: it sees none)."""
-    names, ids = _driver_gpu_names(), _visible_ids()
+    names, ids = driver_gpu_names(), _visible_ids()
     if not machine_gpus():
         return None
     first = ids[0] if ids else "0"

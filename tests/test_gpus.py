@@ -22,10 +22,10 @@ def driver(tmp_path, monkeypatch):
             script.write_text(f"#!/bin/sh\n{body}exit {rc}\n")
             script.chmod(0o755)
         monkeypatch.setenv("PATH", str(bin_dir))
-        gpus._driver_gpu_names.cache_clear()
+        gpus.driver_gpu_names.cache_clear()
 
     yield install
-    gpus._driver_gpu_names.cache_clear()
+    gpus.driver_gpu_names.cache_clear()
 
 
 def test_no_driver_means_no_gpu(driver, monkeypatch):
